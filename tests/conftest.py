@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny datasets written in the real on-disk formats."""
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    """Write `array` (uint8) as an IDX file, the format of MNIST's published files."""
+    header = struct.pack(">I", 0x00000800 | array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    opener = gzip.open if compress else open
+    with opener(str(path) + (".gz" if compress else ""), "wb") as f:
+        f.write(payload)
+
+
+def make_mnist(root: Path, n_train: int = 64, n_test: int = 32, compress: bool = False, seed: int = 0) -> dict:
+    g = np.random.default_rng(seed)
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        x = g.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = g.integers(0, 10, n, dtype=np.uint8)
+        write_idx(raw / f"{split}-images-idx3-ubyte", x, compress)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", y, compress)
+        arrays[split] = (x, y)
+    return arrays
+
+
+def make_cifar(root: Path, n_per_batch: int = 20, seed: int = 0) -> dict:
+    g = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = g.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in g.integers(0, 10, n_per_batch)]
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels,
+                         b"filenames": [b"x.png"] * n_per_batch}, f, protocol=4)
+        written[name] = (data, labels)
+    return written
+
+
+@pytest.fixture
+def mnist_root(tmp_path):
+    return tmp_path, make_mnist(tmp_path)
+
+
+@pytest.fixture
+def cifar_root(tmp_path):
+    return tmp_path, make_cifar(tmp_path)

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+
+from raycnn import data
+from conftest import make_mnist
+
+
+def test_mnist_idx_plain_and_gz(tmp_path):
+    for compress in (False, True):
+        root = tmp_path / str(compress)
+        written = make_mnist(root, compress=compress)
+        arrays = data.read("mnist", root, download=False)
+        assert arrays.train_x.shape == (64, 1, 28, 28) and arrays.train_x.dtype == np.uint8
+        assert np.array_equal(arrays.train_x[:, 0], written["train"][0])
+        assert np.array_equal(arrays.test_y, written["t10k"][1].astype(np.int64))
+
+
+def test_cifar_pickles(cifar_root):
+    root, written = cifar_root
+    arrays = data.read("cifar10", root, download=False)
+    assert arrays.train_x.shape == (100, 3, 32, 32) and arrays.test_x.shape == (20, 3, 32, 32)
+    # Rows are stored CHW-flat: the first 1024 bytes are the red plane.
+    assert np.array_equal(arrays.train_x[0, 0].ravel(), written["data_batch_1"][0][0, :1024])
+    assert arrays.train_y[20] == written["data_batch_2"][1][0]
+
+
+def test_missing_files_one_line(tmp_path):
+    with pytest.raises(data.DataError) as e:
+        data.read("cifar10", tmp_path, download=False)
+    assert "cifar-10-batches-py" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malformed_files(tmp_path):
+    make_mnist(tmp_path)
+    (tmp_path / "MNIST/raw/train-images-idx3-ubyte").write_bytes(b"\0\0\0\0garbage")
+    with pytest.raises(data.DataError, match="not an IDX file"):
+        data.read("mnist", tmp_path, download=False)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    import pickle
+    for name in data.CIFAR_FILES["train"] + data.CIFAR_FILES["test"]:
+        (folder / name).write_bytes(pickle.dumps({b"something": 1}))
+    with pytest.raises(data.DataError, match="not a CIFAR-10 python batch"):
+        data.read("cifar10", tmp_path, download=False)
+
+
+def test_synthetic_and_subset():
+    arrays = data.synthetic("cifar10", sizes=(100, 30))
+    assert arrays.train_x.shape == (100, 3, 32, 32) and arrays.test_y.shape == (30,)
+    small = data.subset(arrays, 40)
+    assert len(small.train_y) == 40 and len(small.test_y) == 30
+    assert data.synthetic("mnist").train_x.shape == (60_000, 1, 28, 28)
+
+
+def _images(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize("op,factor,tv", [
+    ("brightness", 3.7, TF.adjust_brightness), ("contrast", 5.0, TF.adjust_contrast),
+    ("saturation", 0.3, TF.adjust_saturation), ("saturation", 7.5, TF.adjust_saturation),
+    ("hue", 0.31, TF.adjust_hue), ("hue", -0.45, TF.adjust_hue),
+])
+def test_jitter_ops_match_torchvision(op, factor, tv):
+    x = _images(4)
+    ours = data.JITTER_OPS[op](x, torch.full((4,), factor))
+    ref = torch.stack([tv(img, factor) for img in x])
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_jitter_is_per_image():
+    x = _images(2)[:1].expand(8, -1, -1, -1).contiguous()       # eight copies of one image
+    g, og = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    out = data.color_jitter(x, {"brightness": (0.5, 1.5), "hue": (-0.5, 0.5)}, g, og)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    assert len({tuple(o.flatten()[:50].tolist()) for o in out}) == 8
+
+
+def test_random_crop_matches_torchvision_crop():
+    x = _images(8)
+    g = torch.Generator().manual_seed(3)
+    out = data.random_crop(x, 10, g)
+    assert out.shape == x.shape
+    # Same offsets, drawn again from the same seed, through torchvision's functional ops.
+    g = torch.Generator().manual_seed(3)
+    dy = torch.randint(0, 21, (8, 1, 1), generator=g).flatten()
+    dx = torch.randint(0, 21, (8, 1, 1), generator=g).flatten()
+    for i in range(8):
+        ref = TF.crop(TF.pad(x[i], [10]), int(dy[i]), int(dx[i]), 32, 32)
+        assert torch.equal(out[i], ref)
+    assert len({(int(a), int(b)) for a, b in zip(dy, dx)}) > 1      # offsets differ per image
+
+
+def test_random_flip_per_image():
+    x = _images(64)
+    out = data.random_flip(x, torch.Generator().manual_seed(0), 0.5)
+    flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
+    kept = [torch.equal(o, i) for o, i in zip(out, x)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
+
+
+def test_pipeline_normalizes_and_resizes():
+    x = (255 * _images(4)).to(torch.uint8)
+    pipe = data.Pipeline("cifar10", torch.device("cpu"), size=64)
+    out = pipe(x)
+    assert out.shape == (4, 3, 64, 64)
+    ref = TF.normalize(TF.resize(x.float() / 255, [64, 64], antialias=False), *data.STATS["cifar10"])
+    assert torch.allclose(out, ref, atol=1e-5)
+    aug = data.Pipeline("cifar10", torch.device("cpu"), crop_padding=4, flip_p=0.5,
+                        jitter={"brightness": (3, 10), "contrast": (3, 10), "saturation": (3, 10), "hue": (-0.5, 0.5)})
+    g, og = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    out = aug(x, train=True, g=g, order_g=og)
+    assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()
+    assert torch.equal(aug(x), data.Pipeline("cifar10", torch.device("cpu"))(x))   # eval: no augmentation
