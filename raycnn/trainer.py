@@ -70,12 +70,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        """Build from plain values (TOML, Parquet rows): lists become tuples; unknown keys fail."""
+        """Build from plain values (TOML, Parquet rows): lists become tuples, ints widen to floats;
+        unknown keys and wrong types raise ConfigError."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        defaults = cls()
+        values = {}
+        for key, value in d.items():
+            value = value.tolist() if hasattr(value, "tolist") else value   # numpy values from Parquet
+            value = tuple(value) if isinstance(value, list) else value
+            want = type(getattr(defaults, key))
+            if want is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)      # TOML's 1 for 1.0
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ConfigError(f"{key} must be {want.__name__}, got {value!r}")
+            values[key] = value
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,7 +333,7 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     """Train `config` to the end and return a summary (see `summarize`).
 
     After each epoch the metrics dict (epoch, train/test loss and accuracy, lr, seconds,
-    images/s, peak memory, status, done) goes to `report(metrics, checkpoint_dir)`, right after the
+    images/s, peak memory, status, finished) goes to `report(metrics, checkpoint_dir)`, right after the
     checkpoint was written to `checkpoint_dir` (if given). `checkpoint` (a file or folder written
     earlier) resumes the run exactly where it stopped. `arrays` skips reading the dataset (Tune
     passes one shared copy per node). A loss that turns NaN/inf stops the run with status
@@ -346,7 +358,7 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
         progress["since_best"] = 0 if better else progress["since_best"] + 1
         metrics = _epoch_metrics(run, epoch, train, test, time.perf_counter() - start)
         status = _status(config, train[0], progress, epoch)
-        metrics.update(status=status, done=status != "running")
+        metrics.update(status=status, finished=status != "running")
         progress["history"].append(metrics)
         if checkpoint_dir is not None:
             save_checkpoint(run, progress, checkpoint_dir)
@@ -369,7 +381,7 @@ def _zero_shot(run: Run, report: Callable | None) -> dict:
     test = evaluate(run)
     nan = float("nan")
     metrics = _epoch_metrics(run, 0, (nan, nan, nan), test, time.perf_counter() - start)
-    metrics.update(status="ok", done=True)
+    metrics.update(status="ok", finished=True)
     if report is not None:
         report(metrics, None)
     return summarize([metrics])

@@ -128,3 +128,12 @@ def test_from_dict_rejects_unknown_keys():
     assert TrainConfig.from_dict({"milestones": [3, 4]}).milestones == (3, 4)
     with pytest.raises(ConfigError, match="unknown config key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_from_dict_checks_types():
+    import numpy as np
+    c = TrainConfig.from_dict({"lr": 1, "epochs": np.int64(3), "brightness": np.array([1.0, 2.0])})
+    assert (c.lr, c.epochs, c.brightness) == (1.0, 3, (1.0, 2.0)) and isinstance(c.epochs, int)
+    for bad in ({"epochs": "ten"}, {"epochs": True}, {"lr": "0.1"}, {"augment": "crop"}):
+        with pytest.raises(ConfigError, match="must be"):
+            TrainConfig.from_dict(bad)

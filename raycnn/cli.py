@@ -1,0 +1,305 @@
+"""The `raycnn` command: list suites, run them under Ray Tune, print tables, draw plots.
+
+Every user error ends in one line on stderr and exit code 2; Ray is imported only by `run`.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from raycnn import results, suites
+from raycnn.data import DataError
+from raycnn.trainer import ConfigError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+# ---------------------------------------------------------------- list
+
+def cmd_list(args) -> int:
+    """`raycnn list [SUITE]`: the suites, or one suite's trials with the report's accuracy."""
+    paths = suites.resolve(args.suite or "all")
+    loaded = [suites.load(p) for p in paths]
+    if args.suite is None:
+        table = Table("suite", "trials", "description", title="raycnn suites")
+        for s in loaded:
+            table.add_row(s.name, str(len(s.trials)), s.description)
+    else:
+        table = Table("trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune", "report",
+                      title=f"{args.suite}")
+        for s in loaded:
+            for t in s.trials:
+                c = t.config
+                opt = c.optimizer + (f" m={c.momentum:g}" if c.momentum else "") + (f" wd={c.weight_decay:g}" if c.weight_decay else "")
+                table.add_row(t.name, c.model, opt, f"{c.lr:g}", str(c.epochs), "+".join(c.augment) or "-",
+                              c.scheduler, c.finetune, "-" if math.isnan(t.report_acc) else f"{100 * t.report_acc:.0f}%")
+    console.print(table)
+    console.print(f"{sum(len(s.trials) for s in loaded)} trials in {len(loaded)} suite(s)")
+    return 0
+
+
+# ---------------------------------------------------------------- run
+
+def select(args) -> list[suites.Trial]:
+    """The suite's trials after --filter and the command-line overrides."""
+    trials = [t for p in suites.resolve(args.suite) for t in suites.load(p).trials]
+    if args.filter:
+        trials = [t for t in trials if any(fnmatch.fnmatch(t.name, f) for f in args.filter)]
+        if not trials:
+            raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
+    overrides = {"epochs": args.epochs, "max_train_samples": args.max_train_samples, "precision": args.precision,
+                 "seed": args.seed, "synthetic": True if args.synthetic else None,
+                 # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
+                 "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    out = []
+    for t in trials:
+        extra = {"weights": str(Path(args.weights).resolve())} if args.weights and t.config.pretrained else {}
+        out.append(suites.with_overrides(t, **overrides, **extra))
+    return out
+
+
+def check_weights(trials: list[suites.Trial]) -> None:
+    """Pretrained trials need ImageNet weights: a --weights file, or torchvision's cached download."""
+    need = [t for t in trials if t.config.pretrained and not t.config.weights]
+    for t in trials:
+        if t.config.weights and not Path(t.config.weights).is_file():
+            raise suites.SuiteError(f"--weights {t.config.weights}: no such file")
+    if not need:
+        return
+    import torch, torchvision
+    try:
+        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise suites.SuiteError(f"ImageNet weights for resnet18 are not in {cache} and cannot be downloaded: "
+                                f"pass --weights FILE (a resnet18 state dict)") from None
+
+
+def prepare_run_dir(args) -> Path:
+    """RESULTS_DIR/RUN, refusing to overwrite an existing run unless --resume."""
+    run_dir = Path(args.results_dir).resolve() / args.name
+    if run_dir.exists() and not args.resume:
+        raise suites.SuiteError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
+    if args.resume and not (run_dir / "tune").exists():
+        raise suites.SuiteError(f"--resume: no run to resume at {run_dir}")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise suites.SuiteError(f"cannot write results to {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+def resume_command(run_name: str) -> str:
+    """The command line that resumes this run."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--name":
+            skip = True
+        elif a != "--resume" and not a.startswith("--name="):
+            argv.append(a)
+    return " ".join(["raycnn", *argv, "--name", run_name, "--resume"])
+
+
+def cmd_run(args) -> int:
+    """`raycnn run SUITE|FILE ...`: every selected trial as a Tune trial; Parquet into the run folder."""
+    from raycnn import tune as raytune     # Ray is imported here only
+    trials = select(args)
+    check_weights(trials)
+    args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = prepare_run_dir(args)
+    opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                              gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                              max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
+                              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    err_console.print(f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
+    outcome = raytune.run(trials, opts, view=LiveView(err_console))
+    trials_df, _ = results.load_run(run_dir) if (run_dir / "trials.parquet").exists() else (None, None)
+    if trials_df is not None:
+        for table in results.rich_tables(trials_df):
+            console.print(table)
+    messages = {"ok": f"done: results in {run_dir}",
+                "errors": f"finished with failed trials (see the error column): results in {run_dir}",
+                "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
+    err_console.print(f"raycnn: {messages[outcome]}")
+    return raytune.EXIT[outcome]
+
+
+class LiveView:
+    """The console view of a run: one row per running or recent trial, with epoch, accuracy,
+    images/s and ETA. On a terminal it redraws in place; elsewhere it prints a line per trial end."""
+
+    ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
+
+    def __init__(self, console: Console, max_rows: int = 24):
+        self.console, self.max_rows, self.rows, self.live = console, max_rows, {}, None
+
+    def start(self, params: list[dict]) -> None:
+        self.started = time.time()
+        self.concurrency = 1
+        self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
+                                                "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0,
+                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan}
+                     for p in params}
+        if self.console.is_terminal:
+            self.live = Live(self.render(), console=self.console, refresh_per_second=2)
+            self.live.start()
+
+    def update(self, meta: dict, result: dict) -> None:
+        row = self.rows.get((meta["name"], meta["repeat"]))
+        if row is None:
+            return
+        status = result.get("status", row["status"])
+        row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
+                   ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
+        if self.live is not None:
+            self.live.update(self.render())
+        elif status != "running":
+            self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
+                               f"test acc {100 * row['acc']:.2f}%")
+
+    def eta(self) -> float:
+        """Seconds left: the running trials' remaining epochs plus the pending trials at the mean
+        trial time seen so far, spread over the trials running at once."""
+        rows = list(self.rows.values())
+        running = [r for r in rows if r["status"] == "running"]
+        self.concurrency = max(self.concurrency, len(running))
+        per_epoch = [r["epoch_s"] for r in rows if math.isfinite(r["epoch_s"])]
+        if not per_epoch:
+            return math.nan
+        mean = sum(per_epoch) / len(per_epoch)
+        left = sum((r["epochs"] - r["epoch"]) * (r["epoch_s"] if math.isfinite(r["epoch_s"]) else mean)
+                   for r in rows if r["status"] in ("running", "pending"))
+        return left / self.concurrency
+
+    def render(self) -> Table:
+        counts = {}
+        for r in self.rows.values():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        eta = self.eta()
+        title = " ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
+            f"  elapsed {time.time() - self.started:.0f}s" + (f"  ETA {eta:.0f}s" if math.isfinite(eta) else "")
+        table = Table("trial", "status", "epoch", "test acc", "img/s", "ETA", title=title)
+        shown = sorted(self.rows.values(), key=lambda r: self.ORDER.get(r["status"], 5))[:self.max_rows]
+        for r in shown:
+            left = (r["epochs"] - r["epoch"]) * r["epoch_s"] if r["status"] == "running" else math.nan
+            table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}",
+                          "" if math.isnan(r["acc"]) else f"{100 * r['acc']:.2f}%",
+                          "" if math.isnan(r["ips"]) else f"{r['ips']:.0f}",
+                          "" if math.isnan(left) else f"{left:.0f}s")
+        return table
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.update(self.render())
+            self.live.stop()
+
+
+# ---------------------------------------------------------------- table, plot
+
+def cmd_table(args) -> int:
+    """`raycnn table RUN_DIR`: the run's cells beside the report's, laid out as the report."""
+    trials, _ = results.load_run(args.run_dir)
+    if args.format == "rich":
+        for table in results.rich_tables(trials):
+            console.print(table)
+    else:
+        sys.stdout.write(results.render(trials, args.format))
+    return 0
+
+
+def cmd_plot(args) -> int:
+    """`raycnn plot RUN_DIR`: the report's kind of figures, one PNG per table."""
+    for path in results.plot(args.run_dir, args.out):
+        console.print(str(path))
+    return 0
+
+
+# ---------------------------------------------------------------- arguments
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="raycnn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="suites, their trials and the report's accuracy")
+    ls.add_argument("suite", nargs="?", help="a suite name, all, or a .toml file")
+    ls.set_defaults(func=cmd_list)
+
+    r = sub.add_parser("run", help="run a suite under Ray Tune")
+    r.add_argument("suite", help="mnist | cifar10 | pretrained | all | a suite .toml file")
+    r.add_argument("--filter", action="append", help="glob on trial names (repeatable), e.g. 'cifar10/base*'")
+    r.add_argument("--epochs", type=int, help="override every trial's epochs")
+    r.add_argument("--max-train-samples", type=int, help="train on the first N images")
+    r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
+    r.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    r.add_argument("--name", help="run folder name (default: SUITE-DATE-TIME)")
+    r.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
+    r.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the suite's)")
+    r.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: the suite's)")
+    r.add_argument("--max-concurrent", type=int, help="at most N trials at once")
+    r.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
+    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    r.add_argument("--seed", type=int, help="base seed (repeat r uses seed + r)")
+    r.add_argument("--repeats", type=int, default=1, help="run each trial N times with different seeds")
+    r.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
+    r.add_argument("--weights", help="ImageNet resnet18 state dict for the pretrained suite")
+    r.add_argument("--resume", action="store_true", help="continue the run named by --name")
+    r.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
+    r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("table", help="print a run's results beside the report's")
+    t.add_argument("run_dir")
+    t.add_argument("--format", choices=["rich", "markdown", "csv"], default="rich")
+    t.set_defaults(func=cmd_table)
+
+    pl = sub.add_parser("plot", help="accuracy and loss curves per report table, as PNG")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", help="folder for the PNGs (default: RUN_DIR/plots)")
+    pl.set_defaults(func=cmd_plot)
+    return p
+
+
+USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError)
+
+
+def _check_numbers(args) -> None:
+    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples"):
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise suites.SuiteError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if getattr(args, "gpus_per_trial", None) is not None and args.gpus_per_trial < 0:
+        raise suites.SuiteError("--gpus-per-trial must not be negative")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        _check_numbers(args)
+        return args.func(args)
+    except USER_ERRORS as e:
+        err_console.print(f"raycnn: error: {e}", markup=False, highlight=False)
+        return 2
+    except Exception as e:
+        if type(e).__name__ == "RunError":      # raycnn.tune's, without importing Ray here
+            err_console.print(f"raycnn: error: {e}", markup=False, highlight=False)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
