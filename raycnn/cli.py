@@ -157,7 +157,8 @@ class LiveView:
                                                 "acc": math.nan, "ips": math.nan, "epoch_s": math.nan}
                      for p in params}
         if self.console.is_terminal:
-            self.live = Live(self.render(), console=self.console, refresh_per_second=2)
+            # Live(self): each refresh calls __rich__, so elapsed time and ETA tick between epochs.
+            self.live = Live(self, console=self.console, refresh_per_second=2)
             self.live.start()
 
     def update(self, meta: dict, result: dict) -> None:
@@ -167,9 +168,7 @@ class LiveView:
         status = result.get("status", row["status"])
         row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
                    ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
-        if self.live is not None:
-            self.live.update(self.render())
-        elif status != "running":
+        if self.live is None and status != "running":
             self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
                                f"test acc {100 * row['acc']:.2f}%")
 
@@ -204,9 +203,12 @@ class LiveView:
                           "" if math.isnan(left) else f"{left:.0f}s")
         return table
 
+    def __rich__(self) -> Table:
+        return self.render()
+
     def stop(self) -> None:
         if self.live is not None:
-            self.live.update(self.render())
+            self.live.refresh()
             self.live.stop()
 
 

@@ -19,6 +19,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray 2.60's ray.init() writes ~/.ray/auth_token, after which `ray start` turns token auth on and
 # local tools fail with AuthenticationError; a benchmark suite on a private network needs neither.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Only the JSON logger is wanted (its result.json is where results are read from): the default
+# TensorBoard logger prints "NaN or Inf found" over the live view for NaN config values.
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import json
 import logging
@@ -37,6 +40,7 @@ import ray
 import torch
 import torchvision
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 
 from raycnn import data as data_mod
 from raycnn import results
@@ -218,18 +222,22 @@ class ResultsCallback(tune.Callback):
     def __init__(self, run_dir: str):
         self.run_dir = run_dir
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
+    def _show(self, trial, result: dict) -> None:
         view = LIVE_VIEWS.get(self.run_dir)
         if view is not None:
             view.update(trial.config["trial"], result)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._show(trial, {"status": "running"})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._show(trial, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._write()
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        view = LIVE_VIEWS.get(self.run_dir)
-        if view is not None:
-            view.update(trial.config["trial"], {"status": "error"})
+        self._show(trial, {"status": "error"})
         self._write()
 
     def _write(self) -> None:
@@ -254,7 +262,7 @@ def run(trials: list[Trial], opts: RunOptions, view=None) -> str:
             LIVE_VIEWS[str(opts.run_dir)] = view
         previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
         try:
-            tuner(params, opts, [ResultsCallback(str(opts.run_dir))], datasets).fit()
+            tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(str(opts.run_dir))], datasets).fit()
         finally:
             signal.signal(signal.SIGTERM, previous)
             LIVE_VIEWS.pop(str(opts.run_dir), None)

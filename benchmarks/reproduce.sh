@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The runs behind results/ and the README's tables, on a machine like this project's (2 CPU cores,
+# no GPU; about two hours). Usage: benchmarks/reproduce.sh [DATA_DIR] [RESULTS_DIR]
+# An interrupted run continues with the same command plus --name RUN --resume (raycnn prints it).
+set -euo pipefail
+data=${1:-data}
+out=${2:-my-results}     # results/ holds the committed runs, and raycnn never overwrites a run
+raycnn=${RAYCNN:-raycnn}
+if [ ! -d "$data/MNIST" ] && [ -f ../shared/data/prepare.py ]; then
+  python ../shared/data/prepare.py "$data"       # this project's offline copy of MNIST and CIFAR-10
+fi
+# Sec. 4: the nine hand-built CIFAR-10 trials at the report's 30 epochs.
+$raycnn run cifar10 --filter 'cifar10/base/*' --filter 'cifar10/augment/*' --filter 'cifar10/dropout/*' \
+  --filter 'cifar10/batchnorm/*' --data-dir "$data" --results-dir "$out" --name cifar10-handbuilt-30ep
+# Sec. 3: all 40 MNIST trials for one epoch, then the four optimizers of the base net at lr 0.001 for 10.
+$raycnn run mnist --epochs 1 --data-dir "$data" --results-dir "$out" --name mnist-all-1ep
+$raycnn run mnist --filter 'mnist/base/*/lr0.001' --data-dir "$data" --results-dir "$out" --name mnist-base-lr0.001-10ep
+for run in cifar10-handbuilt-30ep mnist-all-1ep mnist-base-lr0.001-10ep; do
+  $raycnn plot "$out/$run" >/dev/null
+done
