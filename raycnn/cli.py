@@ -8,6 +8,7 @@ import argparse
 import fnmatch
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -86,25 +87,42 @@ def check_weights(trials: list[suites.Trial]) -> None:
                                 f"pass --weights FILE (a resnet18 state dict)") from None
 
 
-def prepare_run_dir(args) -> Path:
-    """RESULTS_DIR/RUN, refusing to overwrite an existing run unless --resume."""
-    run_dir = Path(args.results_dir).resolve() / args.name
+def prepare_run_dir(args) -> tuple[Path, list[Path]]:
+    """RESULTS_DIR/RUN, refusing to overwrite an existing run unless --resume; also the folders
+    this call created (innermost first), for `discard` to take back if the run cannot start."""
+    if "://" in args.results_dir:
+        raise suites.SuiteError(f"--results-dir {args.results_dir}: URIs are not supported; give a local path, or on a "
+                                f"cluster a shared filesystem mounted at the same path on every node (EFS/NFS)")
+    run_dir = Path(args.results_dir).expanduser().resolve() / args.name
+    if args.name in ("", ".", "..") or Path(args.name).name != args.name:
+        raise suites.SuiteError(f"--name {args.name!r}: must be a plain folder name")
     if run_dir.exists() and not args.resume:
         raise suites.SuiteError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
     if args.resume and not (run_dir / "tune").exists():
         raise suites.SuiteError(f"--resume: no run to resume at {run_dir}")
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise suites.SuiteError(f"cannot write results to {run_dir}: {e.strerror}") from None
-    return run_dir
+        discard([d for d in created if d.exists()])
+        raise suites.SuiteError(f"cannot write results to {run_dir}: {e.strerror or e}") from None
+    return run_dir, created
+
+
+def discard(created: list[Path]) -> None:
+    """Remove the folders prepare_run_dir made, innermost first, where they are still empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def resume_command(run_name: str) -> str:
-    """The command line that resumes this run."""
+    """The command line that resumes this run, quoted for a POSIX shell."""
     argv, skip = [], False
     for a in sys.argv[1:]:
         if skip:
@@ -113,22 +131,36 @@ def resume_command(run_name: str) -> str:
             skip = True
         elif a != "--resume" and not a.startswith("--name="):
             argv.append(a)
-    return " ".join(["raycnn", *argv, "--name", run_name, "--resume"])
+    return shlex.join(["raycnn", *argv, "--name", run_name, "--resume"])
 
 
 def cmd_run(args) -> int:
-    """`raycnn run SUITE|FILE ...`: every selected trial as a Tune trial; Parquet into the run folder."""
-    from raycnn import tune as raytune     # Ray is imported here only
+    """`raycnn run SUITE|FILE ...`: every selected trial as a Tune trial; Parquet into the run folder.
+
+    Everything that can be checked without Ray is checked before Ray is imported. A run that
+    cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
+    command that resumes it and exits with EXIT["interrupted"]."""
     trials = select(args)
     check_weights(trials)
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = prepare_run_dir(args)
-    opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
-                              gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-                              max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
-                              num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    err_console.print(f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
-    outcome = raytune.run(trials, opts, view=LiveView(err_console))
+    run_dir, created = prepare_run_dir(args)
+    raytune = None
+    try:
+        from raycnn import tune as raytune     # Ray is imported here only
+        opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                  gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                                  max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
+                                  num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
+        outcome = raytune.run(trials, opts, view=view)
+    except KeyboardInterrupt:
+        if raytune is None or not (run_dir / "tune").exists():   # before any trial: nothing to resume
+            discard(created)
+            raise
+        outcome = "interrupted"
+    except BaseException:
+        discard(created)                         # e.g. Ray did not start: no half-made run left
+        raise
     trials_df, _ = results.load_run(run_dir) if (run_dir / "trials.parquet").exists() else (None, None)
     if trials_df is not None:
         for table in results.rich_tables(trials_df):
@@ -136,7 +168,8 @@ def cmd_run(args) -> int:
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
-    err_console.print(f"raycnn: {messages[outcome]}")
+    # One unwrapped line: the resume command must survive copy and paste.
+    err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
     return raytune.EXIT[outcome]
 
 
@@ -146,10 +179,28 @@ class LiveView:
 
     ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
 
-    def __init__(self, console: Console, max_rows: int = 24):
-        self.console, self.max_rows, self.rows, self.live = console, max_rows, {}, None
+    def __init__(self, console: Console, max_rows: int = 24, header: str = ""):
+        self.console, self.max_rows, self.rows, self.live, self.header = console, max_rows, {}, None, header
+
+    def warn(self, message: str) -> None:
+        """A line the user must see (above the live table on a terminal)."""
+        self.console.print(f"raycnn: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def restarting(self, meta: dict, info: dict) -> None:
+        """Tune restarts a failed trial from its last checkpoint."""
+        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); restarting it from its last checkpoint")
+
+    def failed(self, meta: dict, info: dict) -> None:
+        """A trial failed for good (no restarts left)."""
+        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); traceback in {info.get('log') or 'its error.txt'}")
+
+    @staticmethod
+    def _name(meta: dict) -> str:
+        return meta["name"] + (f" #{meta['repeat']}" if meta["repeat"] else "")
 
     def start(self, params: list[dict]) -> None:
+        if self.header:       # printed once the run really starts: errors before it stay one line
+            self.console.print(self.header, markup=False, highlight=False, soft_wrap=True)
         self.started = time.time()
         self.concurrency = 1
         self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
@@ -165,6 +216,8 @@ class LiveView:
         row = self.rows.get((meta["name"], meta["repeat"]))
         if row is None:
             return
+        if result.get("warning"):
+            self.warn(f"{row['name']}: {result['warning']}")
         status = result.get("status", row["status"])
         row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
                    ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
@@ -288,17 +341,28 @@ def _check_numbers(args) -> None:
         raise suites.SuiteError("--gpus-per-trial must not be negative")
 
 
+def error_line(e: BaseException) -> str:
+    """An error as the one line the user gets (no wrapping, no traceback)."""
+    return "raycnn: error: " + " ".join(str(e).split())
+
+
+INTERRUPTED = 130    # = raycnn.tune.EXIT["interrupted"], without importing Ray here
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         _check_numbers(args)
         return args.func(args)
     except USER_ERRORS as e:
-        err_console.print(f"raycnn: error: {e}", markup=False, highlight=False)
+        print(error_line(e), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("raycnn: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except Exception as e:
         if type(e).__name__ == "RunError":      # raycnn.tune's, without importing Ray here
-            err_console.print(f"raycnn: error: {e}", markup=False, highlight=False)
+            print(error_line(e), file=sys.stderr)
             return 2
         raise
 

@@ -190,6 +190,7 @@ def build_run(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Run
     model = models.build(config.model, pretrained=config.pretrained, weights=config.weights or None).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)   # faster convolutions with tensor cores
+        torch.backends.cudnn.benchmark = True                 # fixed shapes: pick the fastest kernels once
     groups = models.parameter_groups(model, config.finetune, config.lr,
                                      config.backbone_lr or None, config.classifier_lr or None)
     optimizer = OPTIMIZERS[config.optimizer](groups, config) if groups and groups[0]["params"] else None
@@ -207,6 +208,11 @@ def build_run(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Run
                torch.Generator().manual_seed(config.seed))
 
 
+def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
+    """channels_last on CUDA, to match the model's weights (see build_run)."""
+    return x.contiguous(memory_format=torch.channels_last) if run.device.type == "cuda" else x
+
+
 def train_one_epoch(run: Run) -> tuple[float, float, float]:
     """One pass over the training split; returns (loss, accuracy, images/s)."""
     c, d = run.config, run.data
@@ -219,10 +225,8 @@ def train_one_epoch(run: Run) -> tuple[float, float, float]:
     start = time.perf_counter()
     for i in range(0, n, c.batch_size):
         idx = perm[i:min(i + c.batch_size, n)]
-        x = run.pipeline(d.train_x[idx], train=True, g=run.g, order_g=run.order_g)
+        x = _layout(run, run.pipeline(d.train_x[idx], train=True, g=run.g, order_g=run.order_g))
         y = d.train_y[idx]
-        if run.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         with run.autocast():
             out = run.step_model(x)
         loss = F.cross_entropy(out.float(), y)
@@ -244,7 +248,7 @@ def evaluate(run: Run) -> tuple[float, float]:
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), device=run.device, dtype=torch.long)
     for i in range(0, len(d.test_y), run.config.eval_batch_size):
-        x = run.pipeline(d.test_x[i:i + run.config.eval_batch_size])
+        x = _layout(run, run.pipeline(d.test_x[i:i + run.config.eval_batch_size]))
         y = d.test_y[i:i + run.config.eval_batch_size]
         with run.autocast():
             out = run.step_model(x)
@@ -292,27 +296,41 @@ def save_checkpoint(run: Run, progress: dict, directory: str | Path) -> Path:
 
 def load_checkpoint(run: Run, path: str | Path) -> dict | None:
     """Restore `run` from a checkpoint file or folder and return its progress; None (with a
-    warning) when the checkpoint is unreadable, so the trial restarts from scratch."""
+    warning) when the checkpoint is unreadable, so the trial restarts from scratch. A failed
+    restore may leave `run` half restored: build a fresh one before training it (`fit` does)."""
+    try:
+        return _restore(run, path)
+    except Exception as e:   # a corrupt or foreign file must not kill the trial
+        warnings.warn(unreadable(path, e))
+        return None
+
+
+def unreadable(path: str | Path, error: Exception) -> str:
+    """The one-line warning for a checkpoint that cannot be restored."""
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    return f"checkpoint {path} is unreadable ({type(error).__name__}: {detail}); restarting from scratch"
+
+
+def _restore(run: Run, path: str | Path) -> dict:
     path = Path(path)
     path = path / CHECKPOINT_FILE if path.is_dir() else path
-    try:
-        # On the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the device.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        run.model.load_state_dict(state["model"])
-        if run.optimizer:
-            run.optimizer.load_state_dict(state["optimizer"])
-            run.scheduler.load_state_dict(state["scheduler"])
-        run.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        run.g.set_state(rng["g"])
-        run.order_g.set_state(rng["order_g"])
-        if "cuda" in rng and run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], run.device)
-        return state["progress"]
-    except Exception as e:   # a corrupt or foreign file must not kill the trial
-        warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); restarting from scratch")
-        return None
+    # On the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the device.
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    run.model.load_state_dict(state["model"])
+    if run.optimizer:
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    run.g.set_state(rng["g"])
+    run.order_g.set_state(rng["order_g"])
+    if "cuda" in rng and run.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    progress = state["progress"]
+    if not isinstance(progress.get("epoch"), int) or not isinstance(progress.get("history"), list):
+        raise ValueError("no training progress in it")
+    return progress
 
 
 # ---------------------------------------------------------------- the loop
@@ -338,12 +356,24 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     earlier) resumes the run exactly where it stopped. `arrays` skips reading the dataset (Tune
     passes one shared copy per node). A loss that turns NaN/inf stops the run with status
     "diverged"; early stopping watches test accuracy, as the report did.
+
+    Reported metrics also carry `resumed` (this call continued from `checkpoint`) and, on the
+    first epoch after an unreadable `checkpoint` made the run start over, `warning` saying so;
+    neither goes into the history, which stays the same whether or not a run was resumed.
     """
     config.validate()
+    arrays = arrays if arrays is not None else load_arrays(config)
     run = build_run(config, arrays)
     progress = {"epoch": 0, "history": [], "best_acc": -1.0, "since_best": 0}
+    resumed, warning = False, ""
     if checkpoint is not None:
-        progress = load_checkpoint(run, checkpoint) or progress
+        try:
+            progress, resumed = _restore(run, checkpoint), True
+        except Exception as e:   # a corrupt or foreign file must not kill the trial
+            warning = unreadable(checkpoint, e)
+            warnings.warn(warning)
+            del run
+            run = build_run(config, arrays)     # a failed restore may have changed some of it
     if config.finetune == "zero-shot":
         return _zero_shot(run, report)
     status = progress["history"][-1]["status"] if progress["history"] else "running"
@@ -363,7 +393,9 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
         if checkpoint_dir is not None:
             save_checkpoint(run, progress, checkpoint_dir)
         if report is not None:
-            report(metrics, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+            extra = {"resumed": resumed} | ({"warning": warning} if warning else {})
+            warning = ""
+            report(metrics | extra, Path(checkpoint_dir) if checkpoint_dir is not None else None)
     return summarize(progress["history"])
 
 

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -85,8 +86,11 @@ def _trainable(param: dict, **datasets) -> None:
         resume = restored.to_directory(os.path.join(tmp, "resume")) if restored else None
 
         def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+            # `resumed` (and `warning`, when the checkpoint was unreadable) come from fit.
             ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-            tune.report({**metrics, **where, "resumed": resume is not None}, checkpoint=ckpt)
+            if metrics.get("warning") and resume:     # name Tune's checkpoint, not our temp copy
+                metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
+            tune.report({"resumed": False, **metrics, **where}, checkpoint=ckpt)
 
         fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays)
 
@@ -138,18 +142,44 @@ def connect(opts: RunOptions) -> None:
         except Exception as e:   # ray raises several types here; all mean the same to the user
             raise RunError(f"cannot join the Ray cluster at {opts.address}: {str(e).splitlines()[0]}") from None
     else:
-        ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, **kwargs)
+        try:
+            ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, **kwargs)
+        except Exception as e:
+            raise RunError(f"cannot start a local Ray instance: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    # Tune logs each failed trial with its traceback; raycnn says it in one line instead
+    # (ResultsCallback), and the traceback stays in the trial's error.txt.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast on HOST:PORT that does not answer (ray.init would wait for minutes)."""
+# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, on a HOST:PORT that is not a Ray cluster: ray.init would retry
+    for many minutes, printing Ray's C++ warnings. Ray's GCS speaks gRPC, that is HTTP/2, so
+    a GCS answers the client's connection preface with a SETTINGS frame."""
     if address == "auto" or ":" not in address:
         return
     host, port = address.rsplit(":", 1)
     try:
-        socket.create_connection((host, int(port)), timeout=3).close()
+        conn = socket.create_connection((host, int(port)), timeout=3)
     except (OSError, ValueError):
         raise RunError(f"cannot reach a Ray cluster at {address}") from None
+    head = b""
+    with conn:
+        try:
+            conn.settimeout(timeout)
+            conn.sendall(H2_PREFACE)
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:      # a timeout included
+            pass
+    if len(head) < 9 or head[3] != 4:     # frame type 4: SETTINGS
+        raise RunError(f"{address} answers, but not as a Ray cluster (no Ray GCS there: is it the head's --port?)")
 
 
 def place(params: list[dict], opts: RunOptions) -> None:
@@ -216,16 +246,21 @@ def experiment_dir(run_dir: Path) -> Path:
 class ResultsCallback(tune.Callback):
     """Rewrites the Parquet files as trials finish, and feeds the live view each epoch.
 
-    Tune pickles callbacks, so this holds only the run folder; the live view (a rich object)
-    is looked up in a module-level registry."""
+    Tune pickles callbacks into the experiment and, on resume, calls the unpickled ones, so this
+    holds nothing: the run folder (which may have moved since) and the live view (a rich
+    object) are the running driver's, looked up in ACTIVE, which `run` fills."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: str | None = None):   # the argument is ignored (old callers)
+        pass
 
-    def _show(self, trial, result: dict) -> None:
-        view = LIVE_VIEWS.get(self.run_dir)
-        if view is not None:
-            view.update(trial.config["trial"], result)
+    def _show(self, trial, result: dict, method: str = "update") -> None:
+        view = ACTIVE.get("view")
+        if view is not None and hasattr(view, method):
+            getattr(view, method)(trial.config["trial"], result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial failed and Tune restarts it from its last checkpoint (FailureConfig)."""
+        self._show(trial, {"error": _summary(_last_error_line(trial))}, method="restarting")
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._show(trial, {"status": "running"})
@@ -238,38 +273,63 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._show(trial, {"status": "error"})
+        self._show(trial, {"error": _summary(_last_error_line(trial)), "log": trial.error_file}, method="failed")
         self._write()
 
     def _write(self) -> None:
+        if "run_dir" not in ACTIVE:
+            return
         try:
-            write_results(Path(self.run_dir))
+            write_results(Path(ACTIVE["run_dir"]))
         except Exception as e:   # never let a results hiccup stop the experiment; the end rewrites
             logging.getLogger("raycnn").warning("could not write results yet: %s", e)
 
 
-LIVE_VIEWS: dict[str, Any] = {}
+def _last_error_line(trial) -> str:
+    """The last line of a failed trial's error as Tune recorded it."""
+    try:
+        lines = Path(trial.error_file).read_text().strip().splitlines()
+    except (OSError, TypeError, AttributeError):
+        lines = []
+    return lines[-1] if lines else "its worker died"
+
+
+def _summary(error: str, limit: int = 200) -> str:
+    """The first sentence of an error line, at most `limit` characters (Ray's run on)."""
+    first = re.split(r"(?<=\.)\s", error.strip(), maxsplit=1)[0]
+    return first if len(first) <= limit else first[:limit - 3] + "..."
+
+
+# The running driver's run folder and live view, for ResultsCallback (see there).
+ACTIVE: dict[str, Any] = {}
 
 
 def run(trials: list[Trial], opts: RunOptions, view=None) -> str:
     """Run `trials` (x repeats) under Tune into opts.run_dir; returns ok | errors | interrupted."""
     params = expand(trials, opts.repeats)
     datasets = _datasets(params)      # before Ray starts: missing data fails fast
-    connect(opts)
+    # SIGTERM acts as Ctrl-C: inside fit Tune stops gracefully on SIGINT (fit returns); before
+    # it, the KeyboardInterrupt still shuts Ray down below.
+    as_sigint = lambda *_: os.kill(os.getpid(), signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, as_sigint)
     try:
-        place(params, opts)
-        if view is not None:
-            view.start(params)
-            LIVE_VIEWS[str(opts.run_dir)] = view
-        previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        connect(opts)
+        signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
         try:
-            tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(str(opts.run_dir))], datasets).fit()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-            LIVE_VIEWS.pop(str(opts.run_dir), None)
+            place(params, opts)
             if view is not None:
-                view.stop()
+                view.start(params)
+            ACTIVE.update(run_dir=str(opts.run_dir), view=view)
+            try:
+                tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], datasets).fit()
+            finally:
+                ACTIVE.clear()
+                if view is not None:
+                    view.stop()
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        signal.signal(signal.SIGTERM, previous)
     trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
     if len(trial_rows) < len(params) or "running" in statuses:
@@ -283,32 +343,51 @@ def collect(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """Trial rows and epoch rows from the result.json files of the run's Tune experiment."""
     trial_rows, epoch_rows = [], []
     exp = experiment_dir(run_dir)
+    states = _tune_states(exp)
     for folder in sorted(p for p in exp.glob("*") if (p / "params.json").exists()):
         try:
             meta = json.loads((folder / "params.json").read_text())["trial"]
         except (json.JSONDecodeError, KeyError):
             continue      # Tune is still writing it; the next rewrite picks the trial up
         epochs = _epochs(folder / "result.json")
-        error = (folder / "error.txt").read_text().strip().splitlines()[-1:] if (folder / "error.txt").exists() else []
-        trial_rows.append(_trial_row(meta, epochs, error))
+        errors = (folder / "error.txt").read_text().strip().splitlines() if (folder / "error.txt").exists() else []
+        trial_rows.append(_trial_row(meta, epochs, errors, states.get(folder.name)))
         epoch_rows += [_epoch_row(meta, e) for e in epochs]
     return trial_rows, epoch_rows
 
 
+def _tune_states(exp: Path) -> dict[str, str]:
+    """Tune's status of each trial (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) by trial folder,
+    from its newest experiment state; {} where there is none yet."""
+    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    try:
+        data = json.loads(files[-1].read_text())["trial_data"] if files else []
+        states = [json.loads(t[0]) for t in data]
+        return {t["relative_logdir"]: t["status"] for t in states}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return {}
+
+
 def _epochs(path: Path) -> list[dict]:
-    """The epoch results of one trial; a restarted trial's re-reported epochs count once."""
+    """The epoch results of one trial, in order. A restarted trial reports again from the epoch
+    after its checkpoint (or from 1 when it starts over): a report of epoch k supersedes every
+    earlier report of epoch k and later, so the rows are those of the run that went on."""
     by_epoch: dict[int, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             if line.strip():
-                result = json.loads(line)
+                try:
+                    result = json.loads(line)
+                except json.JSONDecodeError:
+                    continue      # a line cut off by a crash
                 if "epoch" in result:
+                    by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
                     by_epoch[result["epoch"]] = result
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
-                "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed")
+                "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
 TRIAL_META = ("name", "suite", "table", "row", "column", "order", "report_acc", "repeat", "git_rev",
               "torch_version", "torchvision_version", "ray_version", "python_version")
 
@@ -318,10 +397,18 @@ def _epoch_row(meta: dict, e: dict) -> dict:
     return row | {k: e.get(k) for k in EPOCH_FIELDS}
 
 
-def _trial_row(meta: dict, epochs: list[dict], error: list[str]) -> dict:
+def _trial_row(meta: dict, epochs: list[dict], errors: list[str], tune_status: str | None = None) -> dict:
     last = epochs[-1] if epochs else {}
     done = bool(last.get("finished"))
-    status = last.get("status") if done else ("error" if error else "running")
+    failures = sum(line.startswith("Failure #") for line in errors)
+    # Not done: failed for good only where Tune says so (a trial that failed, restarted and was
+    # then interrupted is unfinished, not failed); without Tune's state, any recorded failure.
+    failed = tune_status == "ERROR" if tune_status else bool(errors)
+    status = last.get("status") if done else ("error" if failed else "running")
+    # A trial that failed and was restarted says so: it may have run partly twice.
+    warnings = [e["warning"] for e in epochs if e.get("warning")]
+    if failures and status != "error":
+        warnings.append(f"restarted after {failures} failure(s), the last: {_summary(errors[-1])}")
     best = max(epochs, key=lambda e: e["test_acc"], default={})
     trained = [e["images_per_s"] for e in epochs if e.get("images_per_s") is not None and math.isfinite(e["images_per_s"])]
     row = {k: meta[k] for k in TRIAL_META} | meta["config"]
@@ -334,7 +421,8 @@ def _trial_row(meta: dict, epochs: list[dict], error: list[str]) -> dict:
         "images_per_s": sum(trained) / len(trained) if trained else math.nan,
         "node": last.get("node", ""), "device": last.get("device", ""), "precision": last.get("precision", ""),
         "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"],
-        "error": error[0] if error else "",
+        "error": errors[-1] if status == "error" and errors else "",
+        "failures": failures, "warning": "; ".join(warnings),
     }
 
 
