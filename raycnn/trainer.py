@@ -294,17 +294,6 @@ def save_checkpoint(run: Run, progress: dict, directory: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(run: Run, path: str | Path) -> dict | None:
-    """Restore `run` from a checkpoint file or folder and return its progress; None (with a
-    warning) when the checkpoint is unreadable, so the trial restarts from scratch. A failed
-    restore may leave `run` half restored: build a fresh one before training it (`fit` does)."""
-    try:
-        return _restore(run, path)
-    except Exception as e:   # a corrupt or foreign file must not kill the trial
-        warnings.warn(unreadable(path, e))
-        return None
-
-
 def unreadable(path: str | Path, error: Exception) -> str:
     """The one-line warning for a checkpoint that cannot be restored."""
     detail = (str(error).strip().splitlines() or [""])[0][:200]

@@ -250,9 +250,6 @@ class ResultsCallback(tune.Callback):
     holds nothing: the run folder (which may have moved since) and the live view (a rich
     object) are the running driver's, looked up in ACTIVE, which `run` fills."""
 
-    def __init__(self, run_dir: str | None = None):   # the argument is ignored (old callers)
-        pass
-
     def _show(self, trial, result: dict, method: str = "update") -> None:
         view = ACTIVE.get("view")
         if view is not None and hasattr(view, method):
