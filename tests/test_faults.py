@@ -261,26 +261,24 @@ def _not_ray() -> str:
 SYN = ("--synthetic", "--num-cpus", "1")
 OFFLINE = {k: "http://127.0.0.1:1" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}
 
+
+def _bad_suite(line: str, message: str) -> tuple:
+    """A CASES entry: a one-trial suite file with `line` added must exit 2 with `message`, before Ray."""
+    return (lambda t, r: ("run", _suite(t, line), *SYN, "--results-dir", r), 2, message, False, {})
+
+
 # id: (argv after `raycnn`, or a function (tmp, results_dir[, request]) -> argv; exit code; stderr
 #      must contain; Ray may start; extra environment)
 CASES = {
     "unknown-suite": (lambda t, r: ("run", "nosuch", *SYN, "--results-dir", r), 2, "unknown suite 'nosuch'", False, {}),
-    "unknown-model": (lambda t, r: ("run", _suite(t, 'model = "nonet"'), *SYN, "--results-dir", r), 2,
-                      "unknown model 'nonet'", False, {}),
-    "unknown-optimizer": (lambda t, r: ("run", _suite(t, 'optimizer = "sgdd"'), *SYN, "--results-dir", r), 2,
-                          "unknown optimizer 'sgdd'", False, {}),
-    "unknown-augmentation": (lambda t, r: ("run", _suite(t, 'augment = ["rotate"]'), *SYN, "--results-dir", r), 2,
-                             "unknown augmentation(s) ['rotate']", False, {}),
-    "unknown-key": (lambda t, r: ("run", _suite(t, "lernrate = 0.1"), *SYN, "--results-dir", r), 2,
-                    "bad.toml: trials[0] (one): unknown key 'lernrate'", False, {}),
-    "not-toml": (lambda t, r: ("run", _suite(t, "lr = = 0.1"), *SYN, "--results-dir", r), 2,
-                 "bad.toml: cannot read suite", False, {}),
-    "wrong-type": (lambda t, r: ("run", _suite(t, 'lr = "fast"'), *SYN, "--results-dir", r), 2,
-                   "bad.toml: trial bad/one: lr must be float", False, {}),
-    "zero-lr": (lambda t, r: ("run", _suite(t, "lr = 0.0"), *SYN, "--results-dir", r), 2,
-                "lr must be positive, got 0.0", False, {}),
-    "negative-batch-size": (lambda t, r: ("run", _suite(t, "batch_size = -8"), *SYN, "--results-dir", r), 2,
-                            "batch_size must be positive, got -8", False, {}),
+    "unknown-model": _bad_suite('model = "nonet"', "unknown model 'nonet'"),
+    "unknown-optimizer": _bad_suite('optimizer = "sgdd"', "unknown optimizer 'sgdd'"),
+    "unknown-augmentation": _bad_suite('augment = ["rotate"]', "unknown augmentation(s) ['rotate']"),
+    "unknown-key": _bad_suite("lernrate = 0.1", "bad.toml: trials[0] (one): unknown key 'lernrate'"),
+    "not-toml": _bad_suite("lr = = 0.1", "bad.toml: cannot read suite"),
+    "wrong-type": _bad_suite('lr = "fast"', "bad.toml: trial bad/one: lr must be float"),
+    "zero-lr": _bad_suite("lr = 0.0", "lr must be positive, got 0.0"),
+    "negative-batch-size": _bad_suite("batch_size = -8", "batch_size must be positive, got -8"),
     "zero-epochs": (lambda t, r: ("run", _suite(t, ""), *SYN, "--epochs", "0", "--results-dir", r), 2,
                     "--epochs must be positive, got 0", False, {}),
     "no-data-offline": (lambda t, r: ("run", "mnist", "--filter", "mnist/base/sgd/lr0.01", "--epochs", "1",
