@@ -264,17 +264,130 @@ def color_jitter(x: torch.Tensor, ranges: dict[str, tuple[float, float]], g: tor
     return x
 
 
+# ---------------------------------------------------------------- ColorJitter as PIL computes it
+# torchvision's ColorJitter on a PIL image (the report's path) works in 8 bits: every op ends in
+# a uint8 image, Pillow's blends truncate toward zero, its luma is a rounded fixed-point sum, hue
+# turns in 8-bit HSV, and the op order is drawn per image. These functions reproduce Pillow's C
+# code (Blend.c, Convert.c) on whole batches of integer-valued float tensors (0..255). Float32
+# where Pillow computes in float, float64 where its C expression is double.
+
+def _blend_u8(degenerate: torch.Tensor, x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Image.blend(degenerate, x, f) on uint8 values: float32 sum, truncated, clipped."""
+    f = f.to(torch.float32).view(-1, 1, 1, 1)
+    out = (x - degenerate) * f          # two roundings, as in C (no fused multiply-add)
+    out = out + degenerate
+    return out.clamp(0, 255).trunc()
+
+
+def _luma_u8(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's RGB -> L: (R*19595 + G*38470 + B*7471 + 0x8000) >> 16."""
+    xi = x.to(torch.int64)
+    return ((xi[:, 0] * 19595 + xi[:, 1] * 38470 + xi[:, 2] * 7471 + 0x8000) >> 16).unsqueeze(1).to(x.dtype)
+
+
+def pil_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Brightness: blend with black."""
+    return _blend_u8(torch.zeros_like(x), x, f)
+
+
+def pil_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Contrast: blend with the image's mean luma, rounded to an integer."""
+    mean = _luma_u8(x).to(torch.float64).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend_u8(torch.floor(mean + 0.5).to(x.dtype), x, f)
+
+
+def pil_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """ImageEnhance.Color: blend with the image's luma."""
+    return _blend_u8(_luma_u8(x), x, f)
+
+
+def _rgb_to_hsv_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pillow's rgb2hsv: 8-bit H, S, V (N, H, W) as int64."""
+    xi = x.to(torch.int64)
+    r, g, b = xi.unbind(1)
+    maxc, minc = xi.max(1).values, xi.min(1).values
+    gray = maxc == minc
+    cr = (maxc - minc).clamp(min=1).to(torch.float32)
+    s = cr / maxc.clamp(min=1).to(torch.float32)
+    rc, gc, bc = ((maxc - c).to(torch.float32) / cr for c in (r, g, b))
+    d = torch.float64
+    h = torch.where(r == maxc, (bc - gc).to(d),
+                    torch.where(g == maxc, 2.0 + rc.to(d) - bc.to(d), 4.0 + gc.to(d) - rc.to(d))).to(torch.float32)
+    h = torch.fmod(h.to(d) / 6.0 + 1.0, 1.0).to(torch.float32)
+    uh = (h.to(d) * 255.0).trunc().clamp(0, 255).to(torch.int64)
+    us = (s.to(d) * 255.0).trunc().clamp(0, 255).to(torch.int64)
+    return torch.where(gray, 0, uh), torch.where(gray, 0, us), maxc
+
+
+def _hsv_to_rgb_u8(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Pillow's hsv2rgb on 8-bit H, S, V; returns (N, 3, H, W) float."""
+    d = torch.float64
+    i = torch.floor(h.to(d) * 6.0 / 255.0)
+    f = (h.to(d) * 6.0 / 255.0 - i).to(torch.float32)
+    fs = (s.to(d) / 255.0).to(torch.float32)
+    vd = v.to(d)
+
+    def rnd(y):                              # C's round(): half away from zero (y >= 0 here)
+        return torch.floor(y + 0.5).clamp(0, 255)
+    p = rnd(vd * (1.0 - fs.to(d)))
+    q = rnd(vd * (1.0 - (fs * f).to(d)))
+    t = rnd(vd * (1.0 - fs.to(d) * (1.0 - f.to(d))))
+    table = torch.stack([torch.stack(c) for c in
+                         ((vd, t, p), (q, vd, p), (p, vd, t), (p, q, vd), (t, p, vd), (vd, p, q))])
+    k = (i.to(torch.int64) % 6)
+    rgb = table.gather(0, k[None, None].expand(1, 3, *k.shape)).squeeze(0).permute(1, 0, 2, 3)
+    return torch.where((s == 0).unsqueeze(1), vd.unsqueeze(1).expand_as(rgb), rgb).to(torch.float32)
+
+
+def pil_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """torchvision's F_pil.adjust_hue: shift 8-bit hue by int(f * 255), wrapping mod 256."""
+    h, s, v = _rgb_to_hsv_u8(x)
+    shift = (f.to(torch.float64) * 255.0).trunc().to(torch.int64).view(-1, 1, 1)
+    return _hsv_to_rgb_u8((h + shift) % 256, s, v).to(x.dtype)
+
+
+PIL_JITTER_OPS = {"brightness": pil_brightness, "contrast": pil_contrast,
+                  "saturation": pil_saturation, "hue": pil_hue}
+
+
+def color_jitter_faithful(x: torch.Tensor, ranges: dict[str, tuple[float, float]],
+                          g: torch.Generator) -> torch.Tensor:
+    """ColorJitter as torchvision runs it on PIL images: factors and op order drawn per image,
+    each op on 8-bit values (see PIL_JITTER_OPS). `x` holds floats in [0, 1] that are multiples
+    of 1/255 (an uint8 image, perhaps cropped or flipped); so is the result.
+
+    Batched by position: at step k every image runs the op its own order puts k-th, so the
+    work is four ops per image as in the fast mode, done in up to four slices per step."""
+    n = x.shape[0]
+    names = list(ranges)
+    factors = torch.stack([lo + (hi - lo) * torch.rand(n, device=x.device, generator=g)
+                           for lo, hi in ranges.values()], 1)                     # (n, ops)
+    order = torch.rand(n, len(names), device=x.device, generator=g).argsort(1)    # a permutation per image
+    u8 = (x * 255).round()
+    for step in range(len(names)):
+        for k, name in enumerate(names):
+            idx = (order[:, step] == k).nonzero().flatten()
+            if len(idx):
+                u8[idx] = PIL_JITTER_OPS[name](u8[idx], factors[idx, k])
+    return u8 / 255
+
+
+JITTER_MODES = ("fast", "faithful")
+
+
 class Pipeline:
     """uint8 batch -> float batch for the model: scale to [0, 1], augment (training only: crop,
     flip, jitter, in the report's order), resize where the model needs it, normalize with the
     dataset's statistics. Built once per trial, so its constants live on the device."""
 
     def __init__(self, dataset: str, device: torch.device, crop_padding: int = 0, flip_p: float = 0.0,
-                 jitter: dict[str, tuple[float, float]] | None = None, size: int | None = None):
+                 jitter: dict[str, tuple[float, float]] | None = None, size: int | None = None,
+                 jitter_mode: str = "fast"):
         mean, std = STATS[dataset]
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.crop_padding, self.flip_p, self.jitter, self.size = crop_padding, flip_p, jitter or {}, size
+        self.jitter_mode = jitter_mode
 
     def __call__(self, x_u8: torch.Tensor, train: bool = False, g: torch.Generator | None = None,
                  order_g: torch.Generator | None = None) -> torch.Tensor:
@@ -284,7 +397,8 @@ class Pipeline:
         if train and self.flip_p:
             x = random_flip(x, g, self.flip_p)
         if train and self.jitter:
-            x = color_jitter(x, self.jitter, g, order_g)
+            x = (color_jitter_faithful(x, self.jitter, g) if self.jitter_mode == "faithful"
+                 else color_jitter(x, self.jitter, g, order_g))
         if self.size and self.size != x.shape[-1]:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
         return (x - self.mean) / self.std

@@ -51,6 +51,7 @@ class TrainConfig:
     contrast: tuple[float, float] = (3.0, 10.0)
     saturation: tuple[float, float] = (3.0, 10.0)
     hue: tuple[float, float] = (-0.5, 0.5)          # ColorJitter(hue=0.5)
+    jitter_mode: str = "fast"            # fast: float ops, order per batch | faithful: PIL's 8-bit ops, order per image
     image_size: int = 0                  # resize inputs to this side on the device; 0 = the model's need
     pretrained: bool = False             # ImageNet weights (resnet18)
     weights: str = ""                    # a state-dict file instead of torchvision's cache
@@ -102,6 +103,7 @@ class TrainConfig:
             (self.model in models.MODELS, f"unknown model {self.model!r}; choose from {', '.join(models.MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"),
             (self.scheduler in SCHEDULERS, f"unknown scheduler {self.scheduler!r}; choose from {', '.join(SCHEDULERS)}"),
+            (self.jitter_mode in data_mod.JITTER_MODES, f"unknown jitter_mode {self.jitter_mode!r}; choose from {', '.join(data_mod.JITTER_MODES)}"),
             (self.precision in PRECISIONS, f"unknown precision {self.precision!r}; choose from {', '.join(PRECISIONS)}"),
             (not set(self.augment) - set(AUGMENTS), f"unknown augmentation(s) {sorted(set(self.augment) - set(AUGMENTS))}; choose from {', '.join(AUGMENTS)}"),
             (self.dataset in ("",) + tuple(data_mod.SHAPES), f"unknown dataset {self.dataset!r}; choose from {', '.join(data_mod.SHAPES)}"),
@@ -200,7 +202,8 @@ def build_run(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Run
     pipeline = data_mod.Pipeline(config.dataset_name, device,
                                  crop_padding=config.crop_padding if "crop" in config.augment else 0,
                                  flip_p=config.flip_p if "flip" in config.augment else 0.0,
-                                 jitter=jitter, size=config.image_size or spec.input_size)
+                                 jitter=jitter, size=config.image_size or spec.input_size,
+                                 jitter_mode=config.jitter_mode)
     data = data_mod.DeviceData.from_arrays(arrays if arrays is not None else load_arrays(config), device)
     return Run(config, device, precision, model, torch.compile(model) if config.compile else model,
                optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
