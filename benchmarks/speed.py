@@ -8,7 +8,7 @@ Three measurements, printed as rich tables and written to OUT/<device>.parquet (
 of the GPU's name), rewritten atomically after each part so a run cut short keeps what it measured:
 
 1. Training images/s of `mnist_base`, `cifar_base` (RandomCrop(32, padding=10) + flip, as in sec.
-   4.2) and `resnet18` (crop padding 4 + flip, as in sec. 5): the raycnn trainer (`build_run` +
+   4.2) and `resnet18` (crop padding 4 + flip, as in sec. 5): the raycnn trainer (`build_training` +
    `train_one_epoch`) against the loop a report author writes (a torchvision-style Dataset
    returning PIL-transformed samples, `DataLoader(batch_size=64, shuffle=True)`, fp32,
    `loss.item()` every step). Same images, batch, SGD(lr 0.01, momentum 0.9) and torch threads;
@@ -58,7 +58,7 @@ from rich.table import Table
 from raycnn import data as data_mod
 from raycnn import models, results, suites
 from raycnn import tune as raytune
-from raycnn.trainer import TrainConfig, build_run, fit, load_arrays, resolve_precision, train_one_epoch
+from raycnn.trainer import TrainConfig, build_training, fit, load_arrays, resolve_precision, train_one_epoch
 
 console = Console()
 log = Console(stderr=True)
@@ -186,7 +186,7 @@ def naive_timer(name: str, arrays: data_mod.Arrays, device: torch.device, worker
         return n / (time.perf_counter() - start)
 
     def as_a_notebook() -> float:
-        # cuDNN autotuning is a process-wide switch that raycnn's build_run turns on; a notebook
+        # cuDNN autotuning is a process-wide switch that raycnn's build_training turns on; a notebook
         # leaves it at torch's default, off.
         flag, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
         try:
@@ -201,7 +201,7 @@ def raycnn_timer(name: str, arrays: data_mod.Arrays, device: torch.device, threa
     """A function that trains one pass with the raycnn trainer and returns its images/s."""
     config = TrainConfig(model=name, epochs=1, batch_size=BATCH, optimizer="sgd", lr=0.01, momentum=0.9,
                          precision=precision, device=str(device), num_threads=threads, **CASES[name]).validate()
-    run = build_run(config, arrays)
+    run = build_training(config, arrays)
 
     def one_pass() -> float:
         sync(device)

@@ -24,7 +24,22 @@ STATS = {
     "mnist": ((0.1307,), (0.3081,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
+# The statistics torchvision's ImageNet weights were trained with.
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# Which Normalize(mean, std) a trial uses (the config's `normalize`), by dataset name:
+# dataset = its own training-set statistics, half = 0.5 everywhere (the PyTorch CIFAR-10
+# tutorial's Normalize), imagenet = what pretrained torchvision weights expect.
+NORMALIZATIONS = {
+    "dataset": lambda name: STATS[name],
+    "half": lambda name: ((0.5,) * SHAPES[name][0], (0.5,) * SHAPES[name][0]),
+    "imagenet": lambda name: IMAGENET_STATS,
+}
 SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
+def normalization(kind: str, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel for normalization `kind` (a key of NORMALIZATIONS) on `dataset`."""
+    return NORMALIZATIONS[kind](dataset)
 SIZES = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -39,11 +54,14 @@ class DataError(RuntimeError):
 
 @dataclass
 class Arrays:
-    """A dataset as numpy arrays: images uint8 (N, C, H, W), labels int64 (N,)."""
+    """A dataset as numpy arrays: images uint8 (N, C, H, W), labels int64 (N,); a validation
+    split only where one was held out of the training set (see `hold_out`)."""
     train_x: np.ndarray
     train_y: np.ndarray
     test_x: np.ndarray
     test_y: np.ndarray
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- reading files
@@ -161,6 +179,19 @@ def subset(arrays: Arrays, max_train_samples: int | None) -> Arrays:
     return Arrays(arrays.train_x[:n], arrays.train_y[:n], arrays.test_x, arrays.test_y)
 
 
+def hold_out(arrays: Arrays, fraction: float) -> Arrays:
+    """Move `fraction` of the training images into a validation split. The choice is one fixed
+    random draw (seed 0), so every trial and every seed of a suite selects on the same images."""
+    if not fraction:
+        return arrays
+    n = len(arrays.train_y)
+    k = max(1, round(n * fraction))
+    order = np.random.default_rng(0).permutation(n)
+    val, train = np.sort(order[:k]), np.sort(order[k:])
+    return Arrays(arrays.train_x[train], arrays.train_y[train], arrays.test_x, arrays.test_y,
+                  arrays.train_x[val], arrays.train_y[val])
+
+
 # ---------------------------------------------------------------- on the device
 
 @dataclass
@@ -170,12 +201,14 @@ class DeviceData:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
     @classmethod
     def from_arrays(cls, arrays: Arrays, device: torch.device) -> "DeviceData":
         """Copy numpy arrays to `device` once (uint8 images: a quarter of float32's memory)."""
-        return cls(*(torch.as_tensor(a).to(device) for a in
-                     (arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y)))
+        return cls(*(None if a is None else torch.as_tensor(a).to(device) for a in
+                     (arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y, arrays.val_x, arrays.val_y)))
 
 
 def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
@@ -378,12 +411,13 @@ JITTER_MODES = ("fast", "faithful")
 class Pipeline:
     """uint8 batch -> float batch for the model: scale to [0, 1], augment (training only: crop,
     flip, jitter, in the report's order), resize where the model needs it, normalize with the
-    dataset's statistics. Built once per trial, so its constants live on the device."""
+    statistics `normalize` names (see NORMALIZATIONS). Built once per trial, so its constants
+    live on the device."""
 
     def __init__(self, dataset: str, device: torch.device, crop_padding: int = 0, flip_p: float = 0.0,
                  jitter: dict[str, tuple[float, float]] | None = None, size: int | None = None,
-                 jitter_mode: str = "fast"):
-        mean, std = STATS[dataset]
+                 jitter_mode: str = "fast", normalize: str = "dataset"):
+        mean, std = normalization(normalize, dataset)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
         self.crop_padding, self.flip_p, self.jitter, self.size = crop_padding, flip_p, jitter or {}, size

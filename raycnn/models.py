@@ -6,7 +6,7 @@ for both, which is exact for log-softmax outputs too (log_softmax is idempotent,
 cross_entropy(log_softmax(z)) == nll_loss(log_softmax(z))).
 
 Where the report does not say where a layer sits, the choice is written in the builder's
-docstring and pinned by a parameter-count test.
+docstring and pinned by the layer-sequence and parameter-count tests (tests/test_models.py).
 """
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from raycnn import data as data_mod
 from raycnn import models
 
 CHECKPOINT_FILE = "state.pt"
+BEST_FILE = "best.pt"            # the best epoch's model, beside the last epoch's state
 
 
 class ConfigError(ValueError):
@@ -52,13 +53,15 @@ class TrainConfig:
     saturation: tuple[float, float] = (3.0, 10.0)
     hue: tuple[float, float] = (-0.5, 0.5)          # ColorJitter(hue=0.5)
     jitter_mode: str = "fast"            # fast: float ops, order per batch | faithful: PIL's 8-bit ops, order per image
+    normalize: str = "dataset"           # dataset | half | imagenet: the mean/std of data.NORMALIZATIONS
     image_size: int = 0                  # resize inputs to this side on the device; 0 = the model's need
     pretrained: bool = False             # ImageNet weights (resnet18)
     weights: str = ""                    # a state-dict file instead of torchvision's cache
     finetune: str = "all"                # all | head | zero-shot | layer1,...,layer4 (see models.parameter_groups)
     backbone_lr: float = 0.0             # lr of fine-tuned stages; 0 = lr
     classifier_lr: float = 0.0           # lr of the new head; 0 = lr
-    early_stopping_patience: int = 0     # stop after this many epochs without a better test accuracy; 0 = off
+    early_stopping_patience: int = 0     # stop after this many epochs without a better selection accuracy; 0 = off
+    val_fraction: float = 0.0            # hold this share of the training set out for selection; 0 = select on test, as the report
     precision: str = "auto"              # auto | fp32 | bf16 | fp16
     seed: int = 0
     max_train_samples: int = 0           # train on the first N images; 0 = all
@@ -83,6 +86,8 @@ class TrainConfig:
             value = value.tolist() if hasattr(value, "tolist") else value   # numpy values from Parquet
             value = tuple(value) if isinstance(value, list) else value
             want = type(getattr(defaults, key))
+            if key in SCALAR_RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = SCALAR_RANGES[key](key, float(value))     # ColorJitter's scalar forms
             if want is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)      # TOML's 1 for 1.0
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
@@ -98,7 +103,8 @@ class TrainConfig:
         return self.dataset or models.MODELS[self.model].dataset
 
     def validate(self) -> "TrainConfig":
-        """Raise ConfigError (one line) for what cannot run."""
+        """Raise ConfigError (one line, naming the key) for what cannot run or makes no sense."""
+        spec = models.MODELS.get(self.model)
         checks = [
             (self.model in models.MODELS, f"unknown model {self.model!r}; choose from {', '.join(models.MODELS)}"),
             (self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}"),
@@ -112,6 +118,20 @@ class TrainConfig:
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.backbone_lr >= 0 and self.classifier_lr >= 0, "backbone_lr and classifier_lr must not be negative"),
             (self.finetune == "all" or self.model == "resnet18", f"finetune={self.finetune!r} needs model resnet18"),
+            (spec is None or not self.pretrained or spec.pretrainable,
+             f"pretrained = true needs a model with ImageNet weights ({', '.join(n for n, m in models.MODELS.items() if m.pretrainable)}), not {self.model!r}"),
+            (self.normalize in data_mod.NORMALIZATIONS, f"unknown normalize {self.normalize!r}; choose from {', '.join(data_mod.NORMALIZATIONS)}"),
+            (self.crop_padding >= 0, f"crop_padding must not be negative, got {self.crop_padding}"),
+            (0.0 <= self.flip_p <= 1.0, f"flip_p must be a probability in [0, 1], got {self.flip_p}"),
+            (self.momentum >= 0 and self.weight_decay >= 0, f"momentum and weight_decay must not be negative, got {self.momentum} and {self.weight_decay}"),
+            (self.gamma > 0, f"gamma must be positive, got {self.gamma}"),
+            (all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in self.milestones)
+             and list(self.milestones) == sorted(set(self.milestones)),
+             f"milestones must be positive epochs in increasing order, got {list(self.milestones)}"),
+            (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.early_stopping_patience >= 0, f"early_stopping_patience must not be negative, got {self.early_stopping_patience}"),
+            (self.max_train_samples >= 0 and self.image_size >= 0, "max_train_samples and image_size must not be negative"),
+            *(_range_check(key, getattr(self, key)) for key in JITTER_BOUNDS),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,7 +142,41 @@ class TrainConfig:
             models._stages(self.finetune) if self.finetune != "all" else None
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        channels = data_mod.SHAPES[self.dataset_name][0]
+        if len(data_mod.normalization(self.normalize, self.dataset_name)[0]) != channels:
+            raise ConfigError(f"normalize = {self.normalize!r} is for 3-channel images; {self.dataset_name} has {channels}")
         return self
+
+
+# ColorJitter's ranges: the factor bounds torchvision accepts for each op (hue: a turn of the
+# circle either way), and its scalar forms: brightness = b means [max(0, 1 - b), 1 + b],
+# hue = h means [-h, h].
+JITTER_BOUNDS = {"brightness": (0.0, math.inf), "contrast": (0.0, math.inf),
+                 "saturation": (0.0, math.inf), "hue": (-0.5, 0.5)}
+
+
+def _factor_range(key: str, v: float) -> tuple[float, float]:
+    if v < 0:
+        raise ConfigError(f"{key} = {v:g}: a single number must not be negative (it means [1 - {key}, 1 + {key}])")
+    return (max(0.0, 1.0 - v), 1.0 + v)
+
+
+def _hue_range(key: str, v: float) -> tuple[float, float]:
+    if not 0 <= v <= 0.5:
+        raise ConfigError(f"{key} = {v:g}: a single number must be in [0, 0.5] (it means [-{key}, {key}])")
+    return (-v, v)
+
+
+SCALAR_RANGES = {"brightness": _factor_range, "contrast": _factor_range,
+                 "saturation": _factor_range, "hue": _hue_range}
+
+
+def _range_check(key: str, value: tuple) -> tuple[bool, str]:
+    """(ok, message) for one ColorJitter range: two numbers, lo <= hi, inside JITTER_BOUNDS."""
+    lo_bound, hi_bound = JITTER_BOUNDS[key]
+    ok = (isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          and lo_bound <= value[0] <= value[1] <= hi_bound)
+    return ok, f"{key} must be [lo, hi] with {lo_bound:g} <= lo <= hi <= {hi_bound:g}, got {list(value)}"
 
 
 OPTIMIZERS: dict[str, Callable[[list[dict], TrainConfig], torch.optim.Optimizer]] = {
@@ -154,6 +208,20 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def scheduled_lrs(config: TrainConfig) -> list[float]:
+    """The learning rate each epoch 1..epochs trains with under `config`'s scheduler, for the
+    first parameter group (all parameters, or the classifier when fine-tuning)."""
+    first = (config.classifier_lr or config.lr) if config.finetune != "all" else config.lr
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=first)
+    scheduler = SCHEDULERS[config.scheduler](optimizer, config)
+    lrs = []
+    for _ in range(config.epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
 def load_arrays(config: TrainConfig) -> data_mod.Arrays:
     """The trial's dataset as numpy arrays (synthetic or read from data_dir), cut to max_train_samples."""
     name = config.dataset_name
@@ -162,8 +230,8 @@ def load_arrays(config: TrainConfig) -> data_mod.Arrays:
 
 
 @dataclass
-class Run:
-    """The live objects of one trial."""
+class Training:
+    """The live objects of one trial's training (one model, one seed)."""
     config: TrainConfig
     device: torch.device
     precision: str
@@ -182,13 +250,23 @@ class Run:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
 
-def build_run(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Run:
+def build_pipeline(config: TrainConfig, device: torch.device) -> data_mod.Pipeline:
+    """The trial's input pipeline: the augmentations `config.augment` names with their
+    settings, the model's input size and the declared normalization."""
+    jitter = {k: getattr(config, k) for k in data_mod.JITTER_OPS} if "jitter" in config.augment else None
+    return data_mod.Pipeline(config.dataset_name, device,
+                             crop_padding=config.crop_padding if "crop" in config.augment else 0,
+                             flip_p=config.flip_p if "flip" in config.augment else 0.0,
+                             jitter=jitter, size=config.image_size or models.MODELS[config.model].input_size,
+                             jitter_mode=config.jitter_mode, normalize=config.normalize)
+
+
+def build_training(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Training:
     """Model, optimizer, scheduler, data and generators for `config`, seeded."""
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     torch.manual_seed(config.seed)
-    spec = models.MODELS[config.model]
     model = models.build(config.model, pretrained=config.pretrained, weights=config.weights or None).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)   # faster convolutions with tensor cores
@@ -198,45 +276,41 @@ def build_run(config: TrainConfig, arrays: data_mod.Arrays | None = None) -> Run
     optimizer = OPTIMIZERS[config.optimizer](groups, config) if groups and groups[0]["params"] else None
     scheduler = SCHEDULERS[config.scheduler](optimizer, config) if optimizer else None
     precision = resolve_precision(config.precision, device)
-    jitter = {k: getattr(config, k) for k in data_mod.JITTER_OPS} if "jitter" in config.augment else None
-    pipeline = data_mod.Pipeline(config.dataset_name, device,
-                                 crop_padding=config.crop_padding if "crop" in config.augment else 0,
-                                 flip_p=config.flip_p if "flip" in config.augment else 0.0,
-                                 jitter=jitter, size=config.image_size or spec.input_size,
-                                 jitter_mode=config.jitter_mode)
-    data = data_mod.DeviceData.from_arrays(arrays if arrays is not None else load_arrays(config), device)
-    return Run(config, device, precision, model, torch.compile(model) if config.compile else model,
-               optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-               data, pipeline, torch.Generator(device).manual_seed(config.seed),
-               torch.Generator().manual_seed(config.seed))
+    pipeline = build_pipeline(config, device)
+    arrays = data_mod.hold_out(arrays if arrays is not None else load_arrays(config), config.val_fraction)
+    data = data_mod.DeviceData.from_arrays(arrays, device)
+    return Training(config, device, precision, model, torch.compile(model) if config.compile else model,
+                    optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                    data, pipeline, torch.Generator(device).manual_seed(config.seed),
+                    torch.Generator().manual_seed(config.seed))
 
 
-def _layout(run: Run, x: torch.Tensor) -> torch.Tensor:
-    """channels_last on CUDA, to match the model's weights (see build_run)."""
-    return x.contiguous(memory_format=torch.channels_last) if run.device.type == "cuda" else x
+def _layout(training: Training, x: torch.Tensor) -> torch.Tensor:
+    """channels_last on CUDA, to match the model's weights (see build_training)."""
+    return x.contiguous(memory_format=torch.channels_last) if training.device.type == "cuda" else x
 
 
-def train_one_epoch(run: Run) -> tuple[float, float, float]:
+def train_one_epoch(training: Training) -> tuple[float, float, float]:
     """One pass over the training split; returns (loss, accuracy, images/s)."""
-    c, d = run.config, run.data
-    models.set_train_mode(run.model, c.finetune)
+    c, d = training.config, training.data
+    models.set_train_mode(training.model, c.finetune)
     n = len(d.train_y)
     n -= 1 if n % c.batch_size == 1 else 0     # a last batch of one breaks BatchNorm in training
-    perm = torch.randperm(len(d.train_y), device=run.device, generator=run.g)
-    loss_sum = torch.zeros((), device=run.device)
-    correct = torch.zeros((), device=run.device, dtype=torch.long)
+    perm = torch.randperm(len(d.train_y), device=training.device, generator=training.g)
+    loss_sum = torch.zeros((), device=training.device)
+    correct = torch.zeros((), device=training.device, dtype=torch.long)
     start = time.perf_counter()
     for i in range(0, n, c.batch_size):
         idx = perm[i:min(i + c.batch_size, n)]
-        x = _layout(run, run.pipeline(d.train_x[idx], train=True, g=run.g, order_g=run.order_g))
+        x = _layout(training, training.pipeline(d.train_x[idx], train=True, g=training.g, order_g=training.order_g))
         y = d.train_y[idx]
-        with run.autocast():
-            out = run.step_model(x)
+        with training.autocast():
+            out = training.step_model(x)
         loss = F.cross_entropy(out.float(), y)
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(loss).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        training.optimizer.zero_grad(set_to_none=True)
+        training.scaler.scale(loss).backward()
+        training.scaler.step(training.optimizer)
+        training.scaler.update()
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
     loss_value, acc = loss_sum.item() / n, correct.item() / n   # the epoch's one sync
@@ -244,21 +318,23 @@ def train_one_epoch(run: Run) -> tuple[float, float, float]:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> tuple[float, float]:
-    """Loss and accuracy on the whole test split."""
-    run.model.eval()
-    d = run.data
-    loss_sum = torch.zeros((), device=run.device)
-    correct = torch.zeros((), device=run.device, dtype=torch.long)
-    for i in range(0, len(d.test_y), run.config.eval_batch_size):
-        x = _layout(run, run.pipeline(d.test_x[i:i + run.config.eval_batch_size]))
-        y = d.test_y[i:i + run.config.eval_batch_size]
-        with run.autocast():
-            out = run.step_model(x)
+def evaluate(training: Training, split: str = "test") -> tuple[float, float]:
+    """Loss and accuracy on the whole `split` (test | val); NaN for a split that is not there."""
+    training.model.eval()
+    images, labels = getattr(training.data, f"{split}_x"), getattr(training.data, f"{split}_y")
+    if images is None:
+        return math.nan, math.nan
+    loss_sum = torch.zeros((), device=training.device)
+    correct = torch.zeros((), device=training.device, dtype=torch.long)
+    step = training.config.eval_batch_size
+    for i in range(0, len(labels), step):
+        x = _layout(training, training.pipeline(images[i:i + step]))
+        y = labels[i:i + step]
+        with training.autocast():
+            out = training.step_model(x)
         loss_sum += F.cross_entropy(out.float(), y, reduction="sum")
         correct += (out.argmax(1) == y).sum()
-    n = len(d.test_y)
-    return loss_sum.item() / n, correct.item() / n
+    return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -270,25 +346,25 @@ def peak_memory_mb(device: torch.device) -> float:
 
 # ---------------------------------------------------------------- checkpoints
 
-def _rng_state(run: Run) -> dict:
-    state = {"torch": torch.get_rng_state(), "g": run.g.get_state(), "order_g": run.order_g.get_state()}
-    if run.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(run.device)
+def _rng_state(training: Training) -> dict:
+    state = {"torch": torch.get_rng_state(), "g": training.g.get_state(), "order_g": training.order_g.get_state()}
+    if training.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(training.device)
     return state
 
 
-def save_checkpoint(run: Run, progress: dict, directory: str | Path) -> Path:
+def save_checkpoint(training: Training, progress: dict, directory: str | Path) -> Path:
     """Write everything needed to resume into directory/state.pt, atomically (temp file + rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict() if run.optimizer else None,
-        "scheduler": run.scheduler.state_dict() if run.scheduler else None,
-        "scaler": run.scaler.state_dict(),
-        "rng": _rng_state(run),
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict() if training.optimizer else None,
+        "scheduler": training.scheduler.state_dict() if training.scheduler else None,
+        "scaler": training.scaler.state_dict(),
+        "rng": _rng_state(training),
         "progress": progress,
-        "config": run.config.to_dict(),
+        "config": training.config.to_dict(),
     }
     path = directory / CHECKPOINT_FILE
     tmp = directory / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
@@ -303,22 +379,22 @@ def unreadable(path: str | Path, error: Exception) -> str:
     return f"checkpoint {path} is unreadable ({type(error).__name__}: {detail}); restarting from scratch"
 
 
-def _restore(run: Run, path: str | Path) -> dict:
+def _restore(training: Training, path: str | Path) -> dict:
     path = Path(path)
     path = path / CHECKPOINT_FILE if path.is_dir() else path
     # On the CPU: RNG states must be CPU tensors; load_state_dict moves the rest to the device.
     state = torch.load(path, map_location="cpu", weights_only=False)
-    run.model.load_state_dict(state["model"])
-    if run.optimizer:
-        run.optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+    training.model.load_state_dict(state["model"])
+    if training.optimizer:
+        training.optimizer.load_state_dict(state["optimizer"])
+        training.scheduler.load_state_dict(state["scheduler"])
+    training.scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    run.g.set_state(rng["g"])
-    run.order_g.set_state(rng["order_g"])
-    if "cuda" in rng and run.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    training.g.set_state(rng["g"])
+    training.order_g.set_state(rng["order_g"])
+    if "cuda" in rng and training.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], training.device)
     progress = state["progress"]
     if not isinstance(progress.get("epoch"), int) or not isinstance(progress.get("history"), list):
         raise ValueError("no training progress in it")
@@ -327,14 +403,34 @@ def _restore(run: Run, path: str | Path) -> dict:
 
 # ---------------------------------------------------------------- the loop
 
-def _epoch_metrics(run: Run, epoch: int, train: tuple[float, float, float], test: tuple[float, float],
-                   seconds: float) -> dict:
+def learning_rates(training: Training) -> tuple[float, float]:
+    """(lr, lr_backbone) the optimizer trains with now: `lr` is the first group's (every
+    parameter, or the new classifier when fine-tuning), `lr_backbone` the fine-tuned stages'
+    (NaN when no stage trains); (0, NaN) with nothing to train."""
+    if not training.optimizer:
+        return 0.0, math.nan
+    groups = training.optimizer.param_groups
+    stages = [g["lr"] for g in groups if g.get("name") in models.RESNET_STAGES]
+    return groups[0]["lr"], stages[0] if stages else math.nan
+
+
+def _epoch_metrics(training: Training, epoch: int, train: tuple[float, float, float], test: tuple[float, float],
+                   val: tuple[float, float], rates: tuple[float, float], seconds: float) -> dict:
     return {
         "epoch": epoch, "train_loss": train[0], "train_acc": train[1], "test_loss": test[0],
-        "test_acc": test[1], "lr": run.optimizer.param_groups[0]["lr"] if run.optimizer else 0.0,
-        "seconds": seconds, "images_per_s": train[2], "peak_mem_mb": peak_memory_mb(run.device),
-        "device": str(run.device), "precision": run.precision,
+        "test_acc": test[1], "val_loss": val[0], "val_acc": val[1], "lr": rates[0], "lr_backbone": rates[1],
+        "seconds": seconds, "images_per_s": train[2], "peak_mem_mb": peak_memory_mb(training.device),
+        "device": str(training.device), "precision": training.precision,
     }
+
+
+def save_best(training: Training, epoch: int, directory: str | Path) -> Path:
+    """Keep the model of the best epoch so far in directory/best.pt (atomic), beside state.pt."""
+    path = Path(directory) / BEST_FILE
+    tmp = path.with_name(f".{BEST_FILE}.{os.getpid()}.tmp")
+    torch.save({"model": training.model.state_dict(), "epoch": epoch, "config": training.config.to_dict()}, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None = None,
@@ -342,48 +438,55 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
         arrays: data_mod.Arrays | None = None) -> dict:
     """Train `config` to the end and return a summary (see `summarize`).
 
-    After each epoch the metrics dict (epoch, train/test loss and accuracy, lr, seconds,
-    images/s, peak memory, status, finished) goes to `report(metrics, checkpoint_dir)`, right after the
-    checkpoint was written to `checkpoint_dir` (if given). `checkpoint` (a file or folder written
-    earlier) resumes the run exactly where it stopped. `arrays` skips reading the dataset (Tune
-    passes one shared copy per node). A loss that turns NaN/inf stops the run with status
-    "diverged"; early stopping watches test accuracy, as the report did.
+    After each epoch the metrics dict (epoch, train/test/val loss and accuracy, the learning
+    rates the epoch trained with, seconds, images/s, peak memory, status, finished) goes to
+    `report(metrics, checkpoint_dir)`, right after the checkpoint was written to
+    `checkpoint_dir` (if given), where best.pt also keeps the best epoch's model. `checkpoint`
+    (a file or folder written earlier) resumes the training exactly where it stopped. `arrays`
+    skips reading the dataset (Tune passes one shared copy per node). A loss that turns NaN/inf
+    stops the training with status "diverged". Early stopping and the best epoch watch the
+    selection accuracy: the validation split's where `val_fraction` holds one out, else the
+    test set's, as the report did.
 
     Reported metrics also carry `resumed` (this call continued from `checkpoint`) and, on the
-    first epoch after an unreadable `checkpoint` made the run start over, `warning` saying so;
-    neither goes into the history, which stays the same whether or not a run was resumed.
+    first epoch after an unreadable `checkpoint` made the training start over, `warning` saying so;
+    neither goes into the history, which stays the same whether or not the training was resumed.
     """
     config.validate()
     arrays = arrays if arrays is not None else load_arrays(config)
-    run = build_run(config, arrays)
+    training = build_training(config, arrays)
     progress = {"epoch": 0, "history": [], "best_acc": -1.0, "since_best": 0}
     resumed, warning = False, ""
     if checkpoint is not None:
         try:
-            progress, resumed = _restore(run, checkpoint), True
+            progress, resumed = _restore(training, checkpoint), True
         except Exception as e:   # a corrupt or foreign file must not kill the trial
             warning = unreadable(checkpoint, e)
             warnings.warn(warning)
-            del run
-            run = build_run(config, arrays)     # a failed restore may have changed some of it
+            del training
+            training = build_training(config, arrays)     # a failed restore may have changed some of it
     if config.finetune == "zero-shot":
-        return _zero_shot(run, report)
+        return _zero_shot(training, report)
     status = progress["history"][-1]["status"] if progress["history"] else "running"
     while status == "running" and progress["epoch"] < config.epochs:
         start = time.perf_counter()
-        train = train_one_epoch(run)
-        test = evaluate(run)
-        run.scheduler.step()
+        rates = learning_rates(training)          # the rates this epoch trains with, before the step
+        train = train_one_epoch(training)
+        test, val = evaluate(training), evaluate(training, "val")
+        training.scheduler.step()
         epoch = progress["epoch"] = progress["epoch"] + 1
-        better = test[1] > progress["best_acc"]
-        progress["best_acc"] = max(progress["best_acc"], test[1])
+        chosen = val[1] if config.val_fraction else test[1]
+        better = chosen > progress["best_acc"]
+        progress["best_acc"] = max(progress["best_acc"], chosen)
         progress["since_best"] = 0 if better else progress["since_best"] + 1
-        metrics = _epoch_metrics(run, epoch, train, test, time.perf_counter() - start)
+        metrics = _epoch_metrics(training, epoch, train, test, val, rates, time.perf_counter() - start)
         status = _status(config, train[0], progress, epoch)
         metrics.update(status=status, finished=status != "running")
         progress["history"].append(metrics)
         if checkpoint_dir is not None:
-            save_checkpoint(run, progress, checkpoint_dir)
+            save_checkpoint(training, progress, checkpoint_dir)
+            if better:
+                save_best(training, epoch, checkpoint_dir)
         if report is not None:
             extra = {"resumed": resumed} | ({"warning": warning} if warning else {})
             warning = ""
@@ -392,35 +495,68 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
 
 
 def _status(config: TrainConfig, train_loss: float, progress: dict, epoch: int) -> str:
+    """running | ok | stopped (early stopping ended it before its last epoch) | diverged."""
     if not math.isfinite(train_loss):
         return "diverged"
+    if epoch >= config.epochs:
+        return "ok"          # ran every epoch, even where patience ran out on the last one
     if config.early_stopping_patience and progress["since_best"] >= config.early_stopping_patience:
-        return "stopped"     # early stopping; counted as ok in the summary
-    return "ok" if epoch >= config.epochs else "running"
+        return "stopped"
+    return "running"
 
 
-def _zero_shot(run: Run, report: Callable | None) -> dict:
+def _zero_shot(training: Training, report: Callable | None) -> dict:
     """Evaluate the pretrained model with its new, untrained head: no training at all."""
     start = time.perf_counter()
-    test = evaluate(run)
+    test, val = evaluate(training), evaluate(training, "val")
     nan = float("nan")
-    metrics = _epoch_metrics(run, 0, (nan, nan, nan), test, time.perf_counter() - start)
+    metrics = _epoch_metrics(training, 0, (nan, nan, nan), test, val, learning_rates(training),
+                             time.perf_counter() - start)
     metrics.update(status="ok", finished=True)
     if report is not None:
         report(metrics, None)
     return summarize([metrics])
 
 
-def summarize(history: list[dict]) -> dict:
-    """The trial's result: status (ok | diverged), final test accuracy (after the last epoch, the
-    report's headline figure), best test accuracy and its epoch, epochs done, mean images/s."""
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def outcome(history: list[dict]) -> dict:
+    """What a trial's epoch metrics amount to; the one rule for `fit` and for Tune's result rows.
+
+    status: ok (every epoch trained, or early stopping ended it) | diverged | running (no last
+    epoch yet). best_epoch: the epoch of the highest selection accuracy (validation where the
+    epochs carry one, else test), best_test_acc its test accuracy. final_test_acc, the headline,
+    is the test accuracy of the model the trial reports, from epoch reported_epoch: the last
+    epoch's, as the report did, except after early stopping, which reports the best epoch's
+    (its weights are best.pt). epochs_done is the epoch it stopped at, early_stopped says
+    whether patience ran out first."""
+    nan = math.nan
+    if not history:
+        return {"status": "running", "early_stopped": False, "final_test_acc": nan, "reported_epoch": -1,
+                "best_test_acc": nan, "best_epoch": -1, "epochs_done": 0, "images_per_s": nan}
     last = history[-1]
-    best = max(history, key=lambda m: m["test_acc"])
-    trained = [m["images_per_s"] for m in history if math.isfinite(m["images_per_s"])]
+    key = "val_acc" if any(_finite(m.get("val_acc")) for m in history) else "test_acc"
+    best = max(history, key=lambda m: m[key] if _finite(m.get(key)) else -math.inf)
+    stopped = last.get("status") == "stopped"
+    reported = best if stopped else last
+    trained = [m["images_per_s"] for m in history if _finite(m.get("images_per_s"))]
     return {
-        "status": "diverged" if last["status"] == "diverged" else "ok",
-        "final_test_acc": last["test_acc"], "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
-        "epochs_done": last["epoch"], "train_seconds": sum(m["seconds"] for m in history),
-        "images_per_s": sum(trained) / len(trained) if trained else float("nan"),
+        "status": {"stopped": "ok"}.get(last.get("status"), last.get("status")),
+        "early_stopped": stopped,
+        "final_test_acc": reported.get("test_acc", nan), "reported_epoch": reported.get("epoch", -1),
+        "best_test_acc": best.get("test_acc", nan), "best_epoch": best.get("epoch", -1),
+        "epochs_done": last.get("epoch", 0),
+        "images_per_s": sum(trained) / len(trained) if trained else nan,
+    }
+
+
+def summarize(history: list[dict]) -> dict:
+    """`fit`'s result: the `outcome` of `history`, with training seconds, device, precision and
+    the history itself."""
+    last = history[-1]
+    return outcome(history) | {
+        "train_seconds": sum(m["seconds"] for m in history),
         "device": last["device"], "precision": last["precision"], "history": history,
     }

@@ -46,7 +46,7 @@ from ray.tune.logger import JsonLoggerCallback
 from raycnn import data as data_mod
 from raycnn import results
 from raycnn.suites import Trial
-from raycnn.trainer import TrainConfig, fit, load_arrays
+from raycnn.trainer import TrainConfig, fit, load_arrays, outcome
 
 EXIT = {"ok": 0, "errors": 3, "interrupted": 130}
 
@@ -383,7 +383,7 @@ def _epochs(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds",
+EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "lr_backbone", "seconds",
                 "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
 TRIAL_META = ("name", "suite", "table", "row", "column", "order", "report_acc", "repeat", "git_rev",
               "torch_version", "torchvision_version", "ray_version", "python_version")
@@ -401,21 +401,16 @@ def _trial_row(meta: dict, epochs: list[dict], errors: list[str], tune_status: s
     # Not done: failed for good only where Tune says so (a trial that failed, restarted and was
     # then interrupted is unfinished, not failed); without Tune's state, any recorded failure.
     failed = tune_status == "ERROR" if tune_status else bool(errors)
-    status = last.get("status") if done else ("error" if failed else "running")
+    summary = outcome(epochs)                   # final/best/status: the trainer's one rule
+    status = summary["status"] if done else ("error" if failed else "running")
     # A trial that failed and was restarted says so: it may have run partly twice.
     warnings = [e["warning"] for e in epochs if e.get("warning")]
     if failures and status != "error":
         warnings.append(f"restarted after {failures} failure(s), the last: {_summary(errors[-1])}")
-    best = max(epochs, key=lambda e: e["test_acc"], default={})
-    trained = [e["images_per_s"] for e in epochs if e.get("images_per_s") is not None and math.isfinite(e["images_per_s"])]
     row = {k: meta[k] for k in TRIAL_META} | meta["config"]
-    return row | {
-        "status": {"stopped": "ok"}.get(status, status),
-        "final_test_acc": last.get("test_acc", math.nan), "best_test_acc": best.get("test_acc", math.nan),
-        "best_epoch": best.get("epoch", -1), "epochs_done": last.get("epoch", 0),
-        "early_stopped": status == "stopped",
+    return row | summary | {
+        "status": status,
         "wall_seconds": last.get("time_total_s", math.nan),
-        "images_per_s": sum(trained) / len(trained) if trained else math.nan,
         "node": last.get("node", ""), "device": last.get("device", ""), "precision": last.get("precision", ""),
         "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"],
         "error": errors[-1] if status == "error" and errors else "",

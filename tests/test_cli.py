@@ -78,8 +78,9 @@ def test_run_filter_repeats_table_plot_resume(tmp_path, suite_file):
     assert sorted(trials[trials.name == "tiny/sgd/flat"].seed) == [0, 1]          # repeat r: seed + r
     assert trials[trials.name == "tiny/sgd/flat"].report_acc.iloc[0] == 0.60
     assert len(epochs) == 6 * 2 and sorted(set(epochs.epoch)) == [1, 2]
-    step = epochs[(epochs.name == "tiny/adam/step")].sort_values("epoch")
-    assert list(step.lr[:2]) == pytest.approx([0.0001, 0.0001])                  # milestone 1, gamma 0.1
+    step = epochs[(epochs.name == "tiny/adam/step")].sort_values(["repeat", "epoch"])
+    # The rate each epoch trained with (milestone 1, gamma 0.1), per repeat: epochs 1 and 2.
+    assert list(step.lr) == pytest.approx([0.001, 0.0001, 0.001, 0.0001])
     assert all(0 <= a <= 1 for a in trials.final_test_acc)
 
     table = raycnn("table", run, "--format", "markdown")

@@ -115,3 +115,98 @@ def test_pipeline_normalizes_and_resizes():
     out = aug(x, train=True, g=g, order_g=og)
     assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()
     assert torch.equal(aug(x), data.Pipeline("cifar10", torch.device("cpu"))(x))   # eval: no augmentation
+
+
+# ---------------------------------------------------------------- ColorJitter as PIL computes it
+
+from PIL import Image                                   # noqa: E402
+import torchvision.transforms as T                     # noqa: E402
+
+TV_OPS = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
+          "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
+
+
+def _u8_images(n=12, seed=0):
+    """Random colour images, plus a gray one and a flat one (hue and saturation's edge cases)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    x[0] = x[0, :1]                       # gray: R = G = B
+    x[1] = 77                             # one flat colour
+    return x
+
+
+def _pil(img_u8: torch.Tensor) -> Image.Image:
+    return Image.fromarray(img_u8.permute(1, 2, 0).numpy())
+
+
+def _from_pil(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("op,factor", [
+    ("brightness", 0.4), ("brightness", 3.7), ("brightness", 9.9), ("contrast", 0.3), ("contrast", 5.2),
+    ("saturation", 0.2), ("saturation", 7.5), ("hue", -0.5), ("hue", -0.13), ("hue", 0.31), ("hue", 0.5),
+])
+def test_faithful_ops_are_pils_byte_for_byte(op, factor):
+    x = _u8_images()
+    ours = data.PIL_JITTER_OPS[op](x.float(), torch.full((len(x),), factor))
+    ref = torch.stack([_from_pil(TV_OPS[op](_pil(img), factor)) for img in x])
+    assert torch.equal(ours.to(torch.uint8), ref)
+
+
+class FixedJitter(T.ColorJitter):
+    """torchvision's ColorJitter with the op order and factors given instead of drawn."""
+
+    def __init__(self, order, factors):
+        super().__init__(brightness=1.0, contrast=1.0, saturation=1.0, hue=0.5)
+        self.fixed = (torch.as_tensor(order), *[float(f) for f in factors])
+
+    def get_params(self, *_):
+        return self.fixed
+
+
+def test_faithful_jitter_is_colorjitter_on_pil_images():
+    x = _u8_images(16, seed=1)
+    ranges = {"brightness": (3.0, 10.0), "contrast": (3.0, 10.0), "saturation": (3.0, 10.0), "hue": (-0.5, 0.5)}
+    out = data.color_jitter_faithful(x.float() / 255, ranges, torch.Generator().manual_seed(5))
+    # The same factors and per-image order, drawn again from the seed (ops in torchvision's
+    # fn_idx order: brightness 0, contrast 1, saturation 2, hue 3), through ColorJitter.forward.
+    g = torch.Generator().manual_seed(5)
+    factors = torch.stack([lo + (hi - lo) * torch.rand(16, generator=g) for lo, hi in ranges.values()], 1)
+    order = torch.rand(16, 4, generator=g).argsort(1)
+    ref = torch.stack([_from_pil(FixedJitter(order[i], factors[i])(_pil(x[i]))) for i in range(16)])
+    assert torch.equal((out * 255).round().to(torch.uint8), ref)
+    assert len({tuple(o.tolist()) for o in order}) > 4                   # orders differ per image
+
+
+def test_pipeline_jitter_modes():
+    x = _u8_images(8)
+    jitter = {"brightness": (3, 10), "contrast": (3, 10), "saturation": (3, 10), "hue": (-0.5, 0.5)}
+    fast = data.Pipeline("cifar10", torch.device("cpu"), jitter=jitter)
+    faithful = data.Pipeline("cifar10", torch.device("cpu"), jitter=jitter, jitter_mode="faithful")
+    gens = lambda: (torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
+    a, b = fast(x, True, *gens()), faithful(x, True, *gens())
+    assert a.shape == b.shape and not torch.equal(a, b)
+    mean, std = data.STATS["cifar10"]
+    levels = b * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+    assert torch.allclose(levels * 255, (levels * 255).round(), atol=1e-3)     # 8-bit values
+
+
+@pytest.mark.parametrize("kind,dataset,mean,std", [
+    ("dataset", "cifar10", *data.STATS["cifar10"]), ("dataset", "mnist", *data.STATS["mnist"]),
+    ("half", "cifar10", (0.5,) * 3, (0.5,) * 3), ("half", "mnist", (0.5,), (0.5,)),
+    ("imagenet", "cifar10", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+])
+def test_normalization_is_the_declared_one(kind, dataset, mean, std):
+    c, h, w = data.SHAPES[dataset]
+    x = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8)
+    out = data.Pipeline(dataset, torch.device("cpu"), normalize=kind)(x)
+    assert torch.allclose(out, TF.normalize(x.float() / 255, mean, std), atol=1e-6)
+
+
+def test_hold_out_is_a_fixed_split():
+    a = data.synthetic("mnist", seed=0, sizes=(100, 10))
+    split = data.hold_out(a, 0.2)
+    assert (len(split.train_y), len(split.val_y), len(split.test_y)) == (80, 20, 10)
+    assert np.array_equal(data.hold_out(a, 0.2).val_x, split.val_x)        # the same every time
+    assert data.hold_out(a, 0.0) is a

@@ -43,6 +43,58 @@ def test_parameter_counts(name, count):
     assert sum(p.numel() for p in models.build(name).parameters()) == count
 
 
+def layers(model: torch.nn.Module) -> list[str]:
+    """The leaf layers in forward order, with what places them (Identity stand-ins left out)."""
+    def describe(m):
+        if isinstance(m, torch.nn.Conv2d):
+            return f"Conv{m.in_channels}-{m.out_channels}k{m.kernel_size[0]}s{m.stride[0]}"
+        if isinstance(m, torch.nn.Linear):
+            return f"Linear{m.in_features}-{m.out_features}"
+        if isinstance(m, torch.nn.Dropout):
+            return f"Dropout{m.p}"
+        if isinstance(m, torch.nn.BatchNorm1d):
+            return f"BN{m.num_features}"
+        return type(m).__name__
+    return [describe(m) for m in model.modules()
+            if not list(m.children()) and not isinstance(m, torch.nn.Identity)]
+
+
+MNIST_HEAD = ["Linear9216-128", "ReLU", "Linear128-10", "LogSoftmax"]
+CIFAR_FEATURES = ["Conv3-6k5s1", "ReLU", "MaxPool2d", "Conv6-16k5s1", "ReLU", "MaxPool2d", "Flatten"]
+
+
+# The report's hand-built networks, layer by layer: where each dropout and BatchNorm sits
+# (the parameter counts cannot see a dropout's place; this can).
+@pytest.mark.parametrize("name,want", [
+    ("mnist_base", ["Conv1-32k3s1", "ReLU", "Conv32-64k3s1", "ReLU", "MaxPool2d", "Flatten", *MNIST_HEAD]),
+    ("mnist_dropout", ["Conv1-32k3s1", "ReLU", "Dropout0.4", "Conv32-64k3s1", "ReLU", "MaxPool2d", "Dropout0.4",
+                       "Flatten", "Linear9216-128", "ReLU", "Dropout0.4", "Linear128-10", "LogSoftmax"]),
+    ("mnist_batchnorm", ["Conv1-32k3s1", "ReLU", "Conv32-64k3s1", "ReLU", "MaxPool2d", "Flatten",
+                         "BN9216", "Linear9216-128", "BN128", "ReLU", "Linear128-10", "LogSoftmax"]),
+    ("mnist_stride2", ["Conv1-32k3s1", "ReLU", "Conv32-64k3s2", "ReLU", "Flatten", *MNIST_HEAD]),
+    ("mnist_kernel5", ["Conv1-32k5s1", "ReLU", "Conv32-64k5s1", "ReLU", "MaxPool2d", "Flatten",
+                       "Linear6400-128", "ReLU", "Linear128-10", "LogSoftmax"]),
+    ("cifar_base", [*CIFAR_FEATURES, "Linear400-120", "ReLU", "Linear120-84", "ReLU", "Linear84-10"]),
+    ("cifar_dropout", [*CIFAR_FEATURES, "Linear400-120", "ReLU", "Dropout0.4", "Linear120-84", "ReLU", "Dropout0.4",
+                       "Linear84-10"]),
+    ("cifar_batchnorm", [*CIFAR_FEATURES, "Linear400-120", "BN120", "ReLU", "Linear120-84", "BN84", "ReLU",
+                         "Linear84-10"]),
+])
+def test_layer_sequence(name, want):
+    assert layers(models.build(name)) == want
+
+
+def test_torchvision_networks_as_is():
+    from collections import Counter
+    alex = layers(models.build("alexnet"))
+    assert Counter(l.split("-")[0].rstrip("0123456789.") for l in alex) == Counter(
+        Conv=5, ReLU=7, MaxPool2d=3, AdaptiveAvgPool2d=1, Dropout=2, Linear=3)
+    assert alex[-1] == "Linear4096-10"
+    res = layers(models.build("resnet18"))
+    assert res[0] == "Conv3-64k7s2" and res[-1] == "Linear512-10"
+    assert sum(l.startswith("Conv") for l in res) == 20 and res.count("BatchNorm2d") == 20
+
+
 def test_dropout_variants_have_their_layers():
     count = lambda m, t: sum(isinstance(x, t) for x in m.modules())
     assert count(models.build("mnist_dropout"), torch.nn.Dropout) == 3

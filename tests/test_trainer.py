@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ def test_cifar_with_augmentation_and_scheduler_learns():
                              scheduler="multistep", milestones=(2,), gamma=0.1), arrays=CIFAR)
     assert result["final_test_acc"] > 0.3
     lrs = [m["lr"] for m in result["history"]]
-    assert lrs == pytest.approx([0.01, 0.001, 0.001])         # lr after each epoch's scheduler step
+    assert lrs == pytest.approx([0.01, 0.01, 0.001])          # the rate each epoch trained with: milestone 2 steps after epoch 2
 
 
 def test_report_and_checkpoint_each_epoch(tmp_path):
@@ -58,7 +59,8 @@ def test_resume_is_exact(tmp_path, extra):
         trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=MNIST)
     resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=MNIST)
 
-    strip = lambda h: [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in h]
+    same = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v       # NaN: no validation split
+    strip = lambda h: [{k: same(v) for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in h]
     assert strip(resumed["history"]) == strip(whole["history"])
     a = torch.load(tmp_path / "whole/state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/state.pt", weights_only=False)["model"]
@@ -85,11 +87,75 @@ def test_divergence_is_a_result_not_a_crash():
     assert result["epochs_done"] < 3 or not math.isfinite(result["history"][-1]["train_loss"])
 
 
-def test_early_stopping_watches_test_accuracy():
-    # lr so small that accuracy cannot improve on the first epoch's for long
-    result = trainer.fit(cfg(epochs=8, lr=1e-9, momentum=0.0, early_stopping_patience=1), arrays=MNIST)
-    assert result["status"] == "ok" and result["epochs_done"] < 8
-    assert result["history"][-1]["status"] == "stopped"
+def test_early_stopping_reports_the_best_epoch(tmp_path):
+    # lr so small that accuracy cannot improve on the first epoch's: epoch 1 is the best, epoch 2
+    # exhausts a patience of 1 and ends the training.
+    result = trainer.fit(cfg(epochs=8, lr=1e-9, momentum=0.0, early_stopping_patience=1),
+                         checkpoint_dir=tmp_path, arrays=MNIST)
+    history = result["history"]
+    assert result["status"] == "ok" and result["early_stopped"] and history[-1]["status"] == "stopped"
+    assert (result["epochs_done"], result["reported_epoch"], result["best_epoch"]) == (2, 1, 1)
+    assert result["final_test_acc"] == history[0]["test_acc"]
+    # best.pt holds the reported model: evaluated again, it gives the headline exactly.
+    best = torch.load(tmp_path / trainer.BEST_FILE, weights_only=False)
+    assert best["epoch"] == 1
+    training = trainer.build_training(cfg(), MNIST)
+    training.model.load_state_dict(best["model"])
+    assert trainer.evaluate(training)[1] == result["final_test_acc"]
+
+
+def test_patience_running_out_on_the_last_epoch_is_ok():
+    result = trainer.fit(cfg(epochs=2, lr=1e-9, momentum=0.0, early_stopping_patience=1), arrays=MNIST)
+    assert result["history"][-1]["status"] == "ok" and not result["early_stopped"]
+    assert (result["epochs_done"], result["reported_epoch"]) == (2, 2)
+    assert result["final_test_acc"] == result["history"][-1]["test_acc"]
+
+
+def test_validation_split_selects_and_leaves_test_alone():
+    config = cfg(epochs=2, val_fraction=0.25)
+    training = trainer.build_training(config, MNIST)
+    assert (len(training.data.train_y), len(training.data.val_y), len(training.data.test_y)) == (768, 256, 256)
+    train_rows = {r.tobytes() for r in training.data.train_x.numpy()}
+    assert not any(r.tobytes() in train_rows for r in training.data.val_x.numpy())   # held out, not copied
+    result = trainer.fit(config, arrays=MNIST)
+    assert all(math.isfinite(m["val_acc"]) for m in result["history"])
+    best = max(result["history"], key=lambda m: m["val_acc"])
+    assert result["best_epoch"] == best["epoch"] and result["best_test_acc"] == best["test_acc"]
+    no_val = trainer.fit(cfg(epochs=1), arrays=MNIST)["history"][0]
+    assert math.isnan(no_val["val_acc"])
+
+
+def history(*rows, last_status="ok"):
+    """Epoch metrics as fit reports them: (test_acc, val_acc) per epoch."""
+    out = [{"epoch": i + 1, "test_acc": t, "val_acc": v, "images_per_s": 100.0, "status": "running"}
+           for i, (t, v) in enumerate(rows)]
+    out[-1]["status"] = last_status
+    return out
+
+
+@pytest.mark.parametrize("rows,status,want", [
+    # (test, val) per epoch, last status -> (status, early_stopped, final, reported, best_test, best_epoch)
+    ([(0.5, math.nan), (0.7, math.nan), (0.6, math.nan)], "ok", ("ok", False, 0.6, 3, 0.7, 2)),
+    ([(0.5, math.nan), (0.7, math.nan), (0.6, math.nan)], "stopped", ("ok", True, 0.7, 2, 0.7, 2)),
+    ([(0.5, 0.9), (0.7, 0.8), (0.6, 0.7)], "stopped", ("ok", True, 0.5, 1, 0.5, 1)),    # selects on val
+    ([(0.5, math.nan), (math.nan, math.nan)], "diverged", ("diverged", False, math.nan, 2, 0.5, 1)),
+    ([(0.5, math.nan)], "running", ("running", False, 0.5, 1, 0.5, 1)),
+])
+def test_outcome_one_rule(rows, status, want):
+    got = trainer.outcome(history(*rows, last_status=status))
+    keys = ("status", "early_stopped", "final_test_acc", "reported_epoch", "best_test_acc", "best_epoch")
+    assert [got[k] for k in keys] == pytest.approx(list(want), nan_ok=True)
+    assert trainer.outcome([])["status"] == "running"
+
+
+def test_tune_rows_use_the_trainers_outcome():
+    from raycnn import tune      # Ray's side: its result rows must not decide anything differently
+    epochs = [m | {"finished": m["status"] != "running", "time_total_s": 1.0} for m in
+              history((0.5, math.nan), (0.7, math.nan), (0.6, math.nan), last_status="stopped")]
+    meta = {k: "x" for k in tune.TRIAL_META} | {"config": {}, "gpus": 0.0, "cpus": 1}
+    row = tune._trial_row(meta, epochs, [])
+    want = trainer.outcome(epochs)
+    assert {k: row[k] for k in want} == want and row["final_test_acc"] == 0.7
 
 
 def test_pretrained_modes(tmp_path):
@@ -104,8 +170,9 @@ def test_pretrained_modes(tmp_path):
     seen = {}
     def grab(_, d):
         seen.update(torch.load(d / "state.pt", weights_only=False)["model"])
-    trainer.fit(cfg(**base, finetune="layer4", backbone_lr=0.001, classifier_lr=0.1),
-                report=grab, checkpoint_dir=tmp_path / "ck", arrays=small)
+    tuned = trainer.fit(cfg(**base, finetune="layer4", backbone_lr=0.001, classifier_lr=0.1),
+                        report=grab, checkpoint_dir=tmp_path / "ck", arrays=small)
+    assert (tuned["history"][0]["lr"], tuned["history"][0]["lr_backbone"]) == (0.1, 0.001)   # classifier, stages
     assert torch.equal(seen["layer1.0.conv1.weight"], frozen_before)           # frozen stage untouched
     assert torch.equal(seen["bn1.running_mean"], torch.load(weights)["bn1.running_mean"])   # frozen BN too
     assert not torch.equal(seen["layer4.0.conv1.weight"], torch.load(weights)["layer4.0.conv1.weight"])
@@ -117,9 +184,19 @@ def test_pretrained_modes(tmp_path):
     ({"epochs": 0}, "epochs must be positive"), ({"batch_size": -1}, "batch_size must be positive"),
     ({"dataset": "cifar10"}, "is built for mnist"), ({"finetune": "head"}, "needs model resnet18"),
     ({"model": "resnet18", "finetune": "layer7"}, "unknown finetune"),
+    ({"hue": (-2.0, 2.0)}, "hue must be [lo, hi] with -0.5 <= lo <= hi <= 0.5"),
+    ({"brightness": (10.0, 3.0)}, "brightness must be [lo, hi]"), ({"saturation": (-1.0, 2.0)}, "saturation must be"),
+    ({"contrast": (1.0, 2.0, 3.0)}, "contrast must be [lo, hi]"),
+    ({"crop_padding": -3}, "crop_padding must not be negative"), ({"flip_p": 7.0}, "flip_p must be a probability"),
+    ({"milestones": (22, 10)}, "milestones must be positive epochs in increasing order"),
+    ({"milestones": (0, 10)}, "milestones must be positive"), ({"gamma": 0.0}, "gamma must be positive"),
+    ({"pretrained": True}, "pretrained = true needs a model with ImageNet weights"),
+    ({"val_fraction": 1.0}, "val_fraction must be in [0, 1)"), ({"normalize": "zscore"}, "unknown normalize"),
+    ({"normalize": "imagenet"}, "for 3-channel images"), ({"jitter_mode": "pil"}, "unknown jitter_mode"),
+    ({"early_stopping_patience": -1}, "early_stopping_patience must not be negative"),
 ])
 def test_bad_config_is_one_clear_error(bad, message):
-    with pytest.raises(ConfigError, match=message) as e:
+    with pytest.raises(ConfigError, match=re.escape(message)) as e:
         cfg(**bad).validate()
     assert "\n" not in str(e.value)
 
@@ -128,6 +205,16 @@ def test_from_dict_rejects_unknown_keys():
     assert TrainConfig.from_dict({"milestones": [3, 4]}).milestones == (3, 4)
     with pytest.raises(ConfigError, match="unknown config key"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+def test_from_dict_accepts_colorjitters_scalar_forms():
+    c = TrainConfig.from_dict({"hue": 0.5, "brightness": 0.4, "contrast": 2, "saturation": 0.0})
+    assert c.hue == (-0.5, 0.5) and c.brightness == pytest.approx((0.6, 1.4))
+    assert (c.contrast, c.saturation) == ((0.0, 3.0), (1.0, 1.0))
+    c.validate()
+    for bad, message in (({"hue": 0.7}, "hue = 0.7"), ({"brightness": -0.1}, "must not be negative")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig.from_dict(bad)
 
 
 def test_from_dict_checks_types():
