@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import time
 import warnings
@@ -200,12 +201,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA that supports it, fp16 (with GradScaler) on older CUDA, fp32 on CPU."""
+    """auto: bf16 on CUDA that supports it natively, fp16 (with GradScaler) on older CUDA, fp32 on CPU."""
     if name != "auto":
         return name
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Without including_emulation=False, pre-Ampere GPUs (V100, T4) answer True and get a slow,
+    # emulated bf16 instead of their fast fp16.
+    return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
 
 
 def scheduled_lrs(config: TrainConfig) -> list[float]:
@@ -337,11 +340,33 @@ def evaluate(training: Training, split: str = "test") -> tuple[float, float]:
     return loss_sum.item() / len(labels), correct.item() / len(labels)
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `peak_memory_mb`: Tune reuses a trial's process for the next trial.
+
+    CUDA: the allocator's peak. CPU (Linux): the process's peak resident set (writing 5 to
+    clear_refs sets it to the current RSS); elsewhere the CPU peak cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        PROC_CLEAR_REFS.write_text("5")
+    except OSError:
+        pass
+
+
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak device memory of this process: CUDA allocator peak, or the process's max RSS on CPU."""
+    """Peak memory since the last `reset_peak_memory` (fit calls it when a trial starts): on CUDA
+    the allocator's peak on that device; on the CPU the whole process's peak resident memory
+    (Linux's VmHWM, data and libraries included), or without /proc its peak since it started."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        return int(re.search(r"VmHWM:\s*(\d+) kB", PROC_STATUS.read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -453,6 +478,7 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     neither goes into the history, which stays the same whether or not the training was resumed.
     """
     config.validate()
+    reset_peak_memory(resolve_device(config.device))     # this trial's peak, not its process's
     arrays = arrays if arrays is not None else load_arrays(config)
     training = build_training(config, arrays)
     progress = {"epoch": 0, "history": [], "best_acc": -1.0, "since_best": 0}

@@ -1,0 +1,95 @@
+"""Precision on the CPU: `auto`'s choice with the GPU's capability faked, and bf16 (CPU autocast)
+and fp16 (CPU autocast + torch.amp.GradScaler("cpu")) runs of `fit` that learn and resume exactly.
+Also the per-trial peak memory, which must not carry an earlier trial's peak in the same process."""
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from raycnn import data, trainer
+from raycnn.trainer import TrainConfig
+
+# cifar_base: fp16 convolution backward on the CPU is slow (~0.5 s a batch of 64 for LeNet, ~50 s
+# for mnist_base), so the small net and few images keep these tests to seconds.
+CIFAR = data.synthetic("cifar10", seed=3, sizes=(256, 128))
+
+
+def fake_gpu(monkeypatch, major: int, emulated_bf16: bool) -> None:
+    """torch.cuda as seen on a GPU of compute capability `major`.x, whose bf16 works emulated or not;
+    torch's own is_bf16_supported runs on these answers."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: emulated_bf16)
+
+
+@pytest.mark.parametrize("major,emulated,expected", [
+    (8, True, "bf16"),     # A100, H100: native bf16
+    (9, False, "bf16"),
+    (7, True, "fp16"),     # V100, T4: bf16 only emulated, slow; fp16 + GradScaler instead
+    (6, False, "fp16"),
+])
+def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, major, emulated, expected):
+    fake_gpu(monkeypatch, major, emulated)
+    assert trainer.resolve_precision("auto", torch.device("cuda")) == expected
+    assert trainer.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert trainer.resolve_precision("bf16", torch.device("cuda")) == "bf16"     # explicit wins
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(model="cifar_base", epochs=4, optimizer="adam", lr=0.003, num_threads=1,
+                eval_batch_size=128, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+class Interrupt(Exception):
+    pass
+
+
+def whole_and_resumed(config: TrainConfig, arrays: data.Arrays, tmp_path) -> tuple[dict, dict]:
+    """(an uninterrupted fit, the same fit stopped after epoch 1 and resumed from its checkpoint),
+    both with their last checkpoint's model weights under "weights"."""
+    whole = trainer.fit(config, checkpoint_dir=tmp_path / "whole", arrays=arrays)
+
+    def stop_after_first(metrics, _):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=arrays)
+    resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=arrays)
+    for result, folder in ((whole, "whole"), (resumed, "cut")):
+        result["weights"] = torch.load(tmp_path / folder / "state.pt", weights_only=False)["model"]
+    return whole, resumed
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in history]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_learns_and_resumes_exactly(tmp_path, precision):
+    whole, resumed = whole_and_resumed(cfg(precision=precision), CIFAR, tmp_path)
+    assert whole["precision"] == precision and whole["status"] == "ok"
+    assert all(math.isfinite(m["train_loss"]) for m in whole["history"])
+    assert whole["final_test_acc"] > 0.2, whole["final_test_acc"]          # chance is 0.1
+    assert timeless(resumed["history"]) == timeless(whole["history"])
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
+
+
+def test_fp16_scales_the_loss_on_cpu(tmp_path):
+    trainer.fit(cfg(precision="fp16", epochs=1), checkpoint_dir=tmp_path, arrays=CIFAR)
+    scaler = torch.load(tmp_path / "state.pt", weights_only=False)["scaler"]
+    assert scaler and scaler["scale"] > 1          # an enabled GradScaler, not fp16 without one
+
+
+@pytest.mark.skipif(not trainer.PROC_STATUS.exists(), reason="per-trial CPU peak needs Linux's /proc")
+def test_peak_memory_is_the_trials_own():
+    big = np.ones(300 * 2**20 // 8)           # 300 MiB touched: an earlier, bigger trial in this process
+    assert big.sum() > 0
+    del big
+    earlier = trainer.peak_memory_mb(torch.device("cpu"))      # includes those 300 MiB
+    small = trainer.fit(cfg(epochs=1), arrays=data.subset(CIFAR, 64))
+    assert small["history"][0]["peak_mem_mb"] < earlier - 150, (small["history"][0]["peak_mem_mb"], earlier)
