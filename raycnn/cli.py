@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from raycnn import results, suites
+from raycnn.errors import EXIT, UserError
 from raycnn.data import DataError
 from raycnn.trainer import ConfigError
 
@@ -152,7 +153,7 @@ def cmd_run(args) -> int:
                                   max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
                                   num_cpus=args.num_cpus, num_gpus=args.num_gpus)
         view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
-        outcome = raytune.run(trials, opts, view=view)
+        outcome = raytune.run_trials(trials, opts, view=view)
     except KeyboardInterrupt:
         if raytune is None or not (run_dir / "tune").exists():   # before any trial: nothing to resume
             discard(created)
@@ -170,7 +171,7 @@ def cmd_run(args) -> int:
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
     # One unwrapped line: the resume command must survive copy and paste.
     err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
-    return raytune.EXIT[outcome]
+    return EXIT[outcome]
 
 
 class LiveView:
@@ -329,7 +330,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError)
+USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError, UserError)
 
 
 def _check_numbers(args) -> None:
@@ -346,9 +347,6 @@ def error_line(e: BaseException) -> str:
     return "raycnn: error: " + " ".join(str(e).split())
 
 
-INTERRUPTED = 130    # = raycnn.tune.EXIT["interrupted"], without importing Ray here
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -356,15 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as e:
         print(error_line(e), file=sys.stderr)
-        return 2
+        return EXIT["usage"]
     except KeyboardInterrupt:
         print("raycnn: interrupted", file=sys.stderr)
-        return INTERRUPTED
-    except Exception as e:
-        if type(e).__name__ == "RunError":      # raycnn.tune's, without importing Ray here
-            print(error_line(e), file=sys.stderr)
-            return 2
-        raise
+        return EXIT["interrupted"]
 
 
 if __name__ == "__main__":

@@ -532,8 +532,8 @@ def test_trials_spread_over_two_nodes(tmp_path, cluster):
 
 def test_results_keep_the_lineage_that_went_on(tmp_path):
     """collect() on hand-made Tune folders: re-reported epochs, restarts and Tune's statuses."""
-    from raycnn import tune as raytune
-    exp = raytune.experiment_dir(tmp_path)
+    from raycnn import experiment
+    exp = experiment.experiment_dir(tmp_path)
     meta = {"name": "x", "suite": "s", "table": "t", "row": "r", "column": "c", "order": 0, "report_acc": 0.5,
             "repeat": 0, "git_rev": "g", "torch_version": "1", "torchvision_version": "1", "ray_version": "1",
             "python_version": "3", "gpus": 0.0, "cpus": 1, "config": {"epochs": 3}}
@@ -559,7 +559,7 @@ def test_results_keep_the_lineage_that_went_on(tmp_path):
                                          ("cut", "RUNNING"))]}
     (exp / "experiment_state-2026.json").write_text(json.dumps(state))
 
-    rows, epochs = raytune.collect(tmp_path)
+    rows, epochs = experiment.collect(tmp_path)
     by = {r["name"]: r for r in rows}
     ep = lambda n: [(e["epoch"], e["resumed"]) for e in epochs if e["name"] == n]
     assert ep("killed") == [(1, False), (2, True), (3, True)]
