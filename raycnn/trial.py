@@ -34,7 +34,8 @@ def trainable(param: dict, **shipped) -> None:
     config = TrainConfig.from_dict(meta["config"])
     arrays = data_mod.subset(shipped[data_key(config)], config.max_train_samples)
     ctx = ray.get_runtime_context()
-    where = {"node": f"{socket.gethostname()}/{ctx.get_node_id()[:8]}", "hostname": socket.gethostname()}
+    where = {"node": f"{socket.gethostname()}/{ctx.get_node_id()[:8]}", "hostname": socket.gethostname(),
+             "node_id": ctx.get_node_id()}
     restored = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
         if config.weights:     # the driver's file, as bytes: written here for the model to load
