@@ -61,6 +61,7 @@ def select(args) -> list[suites.Trial]:
             raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
     overrides = {"epochs": args.epochs, "max_train_samples": args.max_train_samples, "precision": args.precision,
                  "seed": args.seed, "synthetic": True if args.synthetic else None,
+                 "checkpoint_every": args.checkpoint_every,
                  # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
                  "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -314,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
     r.add_argument("--weights", help="ImageNet resnet18 state dict for the pretrained suite")
     r.add_argument("--resume", action="store_true", help="continue the run named by --name")
+    r.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs (default 1: a crash costs at "
+                   "most the epoch in flight; larger N saves checkpoint time on big models)")
     r.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
@@ -334,7 +337,7 @@ USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError, 
 
 
 def _check_numbers(args) -> None:
-    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples"):
+    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise suites.SuiteError(f"--{name.replace('_', '-')} must be positive, got {value}")

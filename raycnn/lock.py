@@ -41,6 +41,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise LockedError naming its holder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

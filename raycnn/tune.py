@@ -26,6 +26,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 import logging
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,17 @@ class RunOptions:
     num_gpus: float | None = None       # private instance only: logical GPUs to declare (None: detect)
     live: bool = True
     extra: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # filled by run_trials: seconds per phase
+
+
+@contextmanager
+def phase(timings: dict, name: str):
+    """Add the block's wall seconds to timings[name] (benchmarks/overhead.py prints them)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def expand(trials: list[Trial], repeats: int) -> list[dict]:
@@ -198,9 +210,11 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
     """Run `trials` (x repeats) under Tune into opts.run_dir; returns ok | errors | interrupted."""
     with RunLock(opts.run_dir):       # first: a second driver must change nothing
         params = expand(trials, opts.repeats)
-        objects = shipped(params)     # before Ray starts: missing data fails fast
+        with phase(opts.timings, "read data"):
+            objects = shipped(params)     # before Ray starts: missing data fails fast
         _drive(params, opts, view, objects)
-        trial_rows, _ = write_results(opts.run_dir)
+        with phase(opts.timings, "write results"):
+            trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
     if len(trial_rows) < len(params) or "running" in statuses:
         return "interrupted"
@@ -214,7 +228,8 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
     as_sigint = lambda *_: os.kill(os.getpid(), signal.SIGINT)
     previous = signal.signal(signal.SIGTERM, as_sigint)
     try:
-        cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
+        with phase(opts.timings, "ray start-up"):
+            cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
         signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
         try:
             cluster.place(params, opts.cpus_per_trial, opts.gpus_per_trial, cluster.shapes())
@@ -222,12 +237,14 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
                 view.start(params)
             ACTIVE.update(run_dir=str(opts.run_dir), view=view)
             try:
-                tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], objects).fit()
+                with phase(opts.timings, "tune"):
+                    tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], objects).fit()
             finally:
                 ACTIVE.clear()
                 if view is not None:
                     view.stop()
         finally:
-            ray.shutdown()
+            with phase(opts.timings, "ray shutdown"):
+                ray.shutdown()
     finally:
         signal.signal(signal.SIGTERM, previous)
