@@ -25,6 +25,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import logging
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from ray.tune.logger import JsonLoggerCallback
 
 from raycnn import cluster
 from raycnn import data as data_mod
-from raycnn.errors import EXIT, RunError   # noqa: F401  (EXIT: the outcomes' exit codes)
+from raycnn.errors import EXIT, NodeDied, RunError   # noqa: F401  (EXIT: the outcomes' exit codes)
 from raycnn.experiment import experiment_dir, summary, write_results
 from raycnn.lock import RunLock
 from raycnn.provenance import provenance
@@ -144,7 +145,11 @@ class ResultsCallback(tune.Callback):
             getattr(view, method)(trial.config["trial"], result)
 
     def on_step_begin(self, iteration, trials, **info):
-        """Once per WAIT_S while trials are pending and none has started meanwhile: one line."""
+        """Stop at once if the private Ray node died under the driver (Ray's core worker would
+        end the process soon, without a word); once per WAIT_S while trials are pending and
+        none has started meanwhile, say so in one line."""
+        if _dead(ACTIVE.get("raylet")):
+            raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)")
         pending = [t for t in trials if t.status == "PENDING"]
         now = time.monotonic()
         since = ACTIVE.setdefault("progress_at", now)
@@ -193,6 +198,47 @@ def waiting_line(pending: list) -> str:
             f"now (an autoscaling cluster adds nodes for them)")
 
 
+def _raylet():
+    """The private local instance's raylet process (a Popen: its child, so a killed one is a
+    zombie until polled); None when joined to a cluster."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs = getattr(node, "all_processes", {}) or {}
+    infos = procs.get(ray._private.ray_constants.PROCESS_TYPE_RAYLET, [])
+    return infos[0].process if infos else None
+
+
+def _dead(raylet) -> bool:
+    return raylet is not None and raylet.poll() is not None
+
+
+@contextmanager
+def ray_output_to(path: Path):
+    """Within the block, what Ray prints (its C++ logs on fd 2, its Python lines on stdout) goes
+    to `path`; raycnn's own lines (sys.stderr: the live view, warnings) still reach the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    py_out, py_err = sys.stdout, sys.stderr
+    with open(path, "a", buffering=1) as log:
+        terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+        try:
+            sys.stdout, sys.stderr = log, terminal
+            for fd in (1, 2):
+                os.dup2(log.fileno(), fd)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd in (1, 2):
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+            sys.stdout, sys.stderr = py_out, py_err
+            terminal.close()
+
+
+RAY_LOG = "ray.log"      # in the run folder: what Ray prints during a run
+
+
 def _last_error_line(trial) -> str:
     """The last line of a failed trial's error as Tune recorded it."""
     try:
@@ -212,7 +258,12 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
         params = expand(trials, opts.repeats)
         with phase(opts.timings, "read data"):
             objects = shipped(params)     # before Ray starts: missing data fails fast
-        _drive(params, opts, view, objects)
+        try:
+            with ray_output_to(Path(opts.run_dir) / RAY_LOG):
+                _drive(params, opts, view, objects)
+        except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
+            if view is not None and hasattr(view, "warn"):
+                view.warn(f"{e}; Ray's log: {Path(opts.run_dir) / RAY_LOG}")
         with phase(opts.timings, "write results"):
             trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
@@ -235,10 +286,14 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
             cluster.place(params, opts.cpus_per_trial, opts.gpus_per_trial, cluster.shapes())
             if view is not None:
                 view.start(params)
-            ACTIVE.update(run_dir=str(opts.run_dir), view=view)
+            ACTIVE.update(run_dir=str(opts.run_dir), view=view, raylet=None if opts.address else _raylet())
             try:
                 with phase(opts.timings, "tune"):
                     tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], objects).fit()
+            except Exception as e:
+                if _dead(ACTIVE.get("raylet")) and not isinstance(e, NodeDied):   # Tune may wrap it
+                    raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)") from None
+                raise
             finally:
                 ACTIVE.clear()
                 if view is not None:
