@@ -18,6 +18,7 @@ from rich.live import Live
 from rich.table import Table
 
 from raycnn import results, suites
+from raycnn.errors import EXIT, UserError
 from raycnn.data import DataError
 from raycnn.trainer import ConfigError
 
@@ -60,6 +61,7 @@ def select(args) -> list[suites.Trial]:
             raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
     overrides = {"epochs": args.epochs, "max_train_samples": args.max_train_samples, "precision": args.precision,
                  "seed": args.seed, "synthetic": True if args.synthetic else None,
+                 "checkpoint_every": args.checkpoint_every,
                  # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
                  "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -152,7 +154,7 @@ def cmd_run(args) -> int:
                                   max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
                                   num_cpus=args.num_cpus, num_gpus=args.num_gpus)
         view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
-        outcome = raytune.run(trials, opts, view=view)
+        outcome = raytune.run_trials(trials, opts, view=view)
     except KeyboardInterrupt:
         if raytune is None or not (run_dir / "tune").exists():   # before any trial: nothing to resume
             discard(created)
@@ -170,7 +172,7 @@ def cmd_run(args) -> int:
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
     # One unwrapped line: the resume command must survive copy and paste.
     err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
-    return raytune.EXIT[outcome]
+    return EXIT[outcome]
 
 
 class LiveView:
@@ -313,6 +315,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
     r.add_argument("--weights", help="ImageNet resnet18 state dict for the pretrained suite")
     r.add_argument("--resume", action="store_true", help="continue the run named by --name")
+    r.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs (default 1: a crash costs at "
+                   "most the epoch in flight; larger N saves checkpoint time on big models)")
     r.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
@@ -329,11 +333,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError)
+USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError, UserError)
 
 
 def _check_numbers(args) -> None:
-    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples"):
+    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples", "checkpoint_every"):
         value = getattr(args, name, None)
         if value is not None and value <= 0:
             raise suites.SuiteError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -346,9 +350,6 @@ def error_line(e: BaseException) -> str:
     return "raycnn: error: " + " ".join(str(e).split())
 
 
-INTERRUPTED = 130    # = raycnn.tune.EXIT["interrupted"], without importing Ray here
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -356,15 +357,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except USER_ERRORS as e:
         print(error_line(e), file=sys.stderr)
-        return 2
+        return EXIT["usage"]
     except KeyboardInterrupt:
         print("raycnn: interrupted", file=sys.stderr)
-        return INTERRUPTED
-    except Exception as e:
-        if type(e).__name__ == "RunError":      # raycnn.tune's, without importing Ray here
-            print(error_line(e), file=sys.stderr)
-            return 2
-        raise
+        return EXIT["interrupted"]
 
 
 if __name__ == "__main__":

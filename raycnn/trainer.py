@@ -72,6 +72,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     num_threads: int = 0                 # torch CPU threads; 0 = leave as is
     compile: bool = False                # torch.compile the model
+    checkpoint_every: int = 1            # checkpoint every N epochs (and the last); a crash loses < N epochs
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -116,6 +117,7 @@ class TrainConfig:
             (self.dataset in ("",) + tuple(data_mod.SHAPES), f"unknown dataset {self.dataset!r}; choose from {', '.join(data_mod.SHAPES)}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
+            (self.checkpoint_every > 0, f"checkpoint_every must be positive, got {self.checkpoint_every}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.backbone_lr >= 0 and self.classifier_lr >= 0, "backbone_lr and classifier_lr must not be negative"),
             (self.finetune == "all" or self.model == "resnet18", f"finetune={self.finetune!r} needs model resnet18"),
@@ -466,7 +468,8 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     After each epoch the metrics dict (epoch, train/test/val loss and accuracy, the learning
     rates the epoch trained with, seconds, images/s, peak memory, status, finished) goes to
     `report(metrics, checkpoint_dir)`, right after the checkpoint was written to
-    `checkpoint_dir` (if given), where best.pt also keeps the best epoch's model. `checkpoint`
+    `checkpoint_dir` (if given; every `checkpoint_every` epochs and after the last, else `report`
+    gets None), where best.pt also keeps the best epoch's model. `checkpoint`
     (a file or folder written earlier) resumes the training exactly where it stopped. `arrays`
     skips reading the dataset (Tune passes one shared copy per node). A loss that turns NaN/inf
     stops the training with status "diverged". Early stopping and the best epoch watch the
@@ -509,14 +512,16 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
         status = _status(config, train[0], progress, epoch)
         metrics.update(status=status, finished=status != "running")
         progress["history"].append(metrics)
-        if checkpoint_dir is not None:
+        saved = checkpoint_dir is not None and (epoch % config.checkpoint_every == 0 or status != "running"
+                                                or epoch == config.epochs)
+        if saved:
             save_checkpoint(training, progress, checkpoint_dir)
-            if better:
-                save_best(training, epoch, checkpoint_dir)
+        if better and checkpoint_dir is not None:      # the best model is kept whatever the interval
+            save_best(training, epoch, checkpoint_dir)
         if report is not None:
             extra = {"resumed": resumed} | ({"warning": warning} if warning else {})
             warning = ""
-            report(metrics | extra, Path(checkpoint_dir) if checkpoint_dir is not None else None)
+            report(metrics | extra, Path(checkpoint_dir) if saved else None)
     return summarize(progress["history"])
 
 

@@ -1,13 +1,13 @@
-"""Ray Tune: every trial of a suite runs `raycnn.trainer.fit` as one Tune trial.
+"""The Tune driver: every trial of a suite runs `raycnn.trial.trainable` as one Tune trial.
 
-The only module that imports Ray. One Tuner per run; each trial gets `cpus_per_trial` CPUs and a
-(fractional) GPU share; datasets go into the object store once and are shared, zero-copy, by
-the trials of a node. Each epoch reports its metrics with a checkpoint, so a failed trial
-restarts from its last epoch (FailureConfig) and an interrupted run resumes (Tuner.restore).
+One Tuner per run; each trial gets `cpus_per_trial` CPUs and a (fractional) GPU share, fitted to
+the cluster's node shapes by `raycnn.cluster`. Datasets and --weights files go into the object
+store once and are shared by the trials of a node. Each epoch reports its metrics with a
+checkpoint, so a failed trial restarts from its last checkpoint (FailureConfig) and an
+interrupted run resumes (Tuner.restore). Rows are rebuilt from Tune's folder by
+`raycnn.experiment`. One driver per run folder (`raycnn.lock`).
 
-Results are rebuilt from Tune's own experiment folder (one result.json line per epoch, written
-before the epoch is acknowledged), so they survive driver crashes and resumes without
-duplicates: `collect` reads that folder, `write_results` turns it into Parquet.
+The Ray modules are this one, `raycnn.trial` and `raycnn.cluster`; nothing else imports Ray.
 """
 from __future__ import annotations
 
@@ -23,36 +23,28 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # TensorBoard logger prints "NaN or Inf found" over the live view for NaN config values.
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
-import json
 import logging
-import math
-import platform
-import re
 import signal
-import socket
-import subprocess
-import tempfile
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
-import torch
-import torchvision
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
+from raycnn import cluster
 from raycnn import data as data_mod
-from raycnn import results
+from raycnn.errors import EXIT, NodeDied, RunError   # noqa: F401  (EXIT: the outcomes' exit codes)
+from raycnn.experiment import experiment_dir, summary, write_results
+from raycnn.lock import RunLock
+from raycnn.provenance import provenance
 from raycnn.suites import Trial
-from raycnn.trainer import TrainConfig, fit, load_arrays, outcome
-
-EXIT = {"ok": 0, "errors": 3, "interrupted": 130}
-
-
-class RunError(RuntimeError):
-    """A run that cannot start; the message is one line for the user."""
+from raycnn.trainer import TrainConfig, load_arrays
+from raycnn.trial import data_key, trainable, weights_key
 
 
 @dataclass
@@ -70,51 +62,17 @@ class RunOptions:
     num_gpus: float | None = None       # private instance only: logical GPUs to declare (None: detect)
     live: bool = True
     extra: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # filled by run_trials: seconds per phase
 
 
-# ---------------------------------------------------------------- inside a trial
-
-def _trainable(param: dict, **datasets) -> None:
-    """One trial: fit the config, reporting each epoch with its checkpoint to Tune."""
-    meta = param["trial"]
-    config = TrainConfig.from_dict(meta["config"])
-    arrays = data_mod.subset(datasets[_data_key(config)], config.max_train_samples)
-    ctx = ray.get_runtime_context()
-    where = {"node": f"{socket.gethostname()}/{ctx.get_node_id()[:8]}", "hostname": socket.gethostname()}
-    restored = tune.get_checkpoint()
-    with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
-        resume = restored.to_directory(os.path.join(tmp, "resume")) if restored else None
-
-        def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-            # `resumed` (and `warning`, when the checkpoint was unreadable) come from fit.
-            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-            if metrics.get("warning") and resume:     # name Tune's checkpoint, not our temp copy
-                metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
-            tune.report({"resumed": False, **metrics, **where}, checkpoint=ckpt)
-
-        fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays)
-
-
-def _data_key(config: TrainConfig) -> str:
-    return f"{config.dataset_name}{'-synthetic' if config.synthetic else ''}"
-
-
-# ---------------------------------------------------------------- the driver
-
-def provenance() -> dict:
-    """Versions and git revision of the code that runs the trials."""
-    root = Path(__file__).resolve().parent.parent
+@contextmanager
+def phase(timings: dict, name: str):
+    """Add the block's wall seconds to timings[name] (benchmarks/overhead.py prints them)."""
+    start = time.perf_counter()
     try:
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        rev = f"{rev}-dirty" if rev and dirty else rev
-    except (OSError, subprocess.SubprocessError):
-        rev = ""
-    return {"git_rev": rev or "unknown", "torch_version": torch.__version__,
-            "torchvision_version": torchvision.__version__, "ray_version": ray.__version__,
-            "python_version": platform.python_version()}
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
 def expand(trials: list[Trial], repeats: int) -> list[dict]:
@@ -131,73 +89,17 @@ def expand(trials: list[Trial], repeats: int) -> list[dict]:
     return out
 
 
-def connect(opts: RunOptions) -> None:
-    """Join the cluster at opts.address, or start a private local instance."""
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if opts.address:
-        _check_reachable(opts.address)
-        try:
-            ray.init(address=opts.address, **kwargs)
-        except Exception as e:   # ray raises several types here; all mean the same to the user
-            raise RunError(f"cannot join the Ray cluster at {opts.address}: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            ray.init(address="local", num_cpus=opts.num_cpus, num_gpus=opts.num_gpus, **kwargs)
-        except Exception as e:
-            raise RunError(f"cannot start a local Ray instance: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-    # Tune logs each failed trial with its traceback; raycnn says it in one line instead
-    # (ResultsCallback), and the traceback stays in the trial's error.txt.
-    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-
-
-# HTTP/2's client connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
-H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
-
-
-def _check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast, in one line, on a HOST:PORT that is not a Ray cluster: ray.init would retry
-    for many minutes, printing Ray's C++ warnings. Ray's GCS speaks gRPC, that is HTTP/2, so
-    a GCS answers the client's connection preface with a SETTINGS frame."""
-    if address == "auto" or ":" not in address:
-        return
-    host, port = address.rsplit(":", 1)
-    try:
-        conn = socket.create_connection((host, int(port)), timeout=3)
-    except (OSError, ValueError):
-        raise RunError(f"cannot reach a Ray cluster at {address}") from None
-    head = b""
-    with conn:
-        try:
-            conn.settimeout(timeout)
-            conn.sendall(H2_PREFACE)
-            while len(head) < 9:
-                chunk = conn.recv(9 - len(head))
-                if not chunk:
-                    break
-                head += chunk
-        except OSError:      # a timeout included
-            pass
-    if len(head) < 9 or head[3] != 4:     # frame type 4: SETTINGS
-        raise RunError(f"{address} answers, but not as a Ray cluster (no Ray GCS there: is it the head's --port?)")
-
-
-def place(params: list[dict], opts: RunOptions) -> None:
-    """Set each trial's CPU/GPU share from the options and what the cluster has."""
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    max_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
-    max_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
-    if opts.gpus_per_trial is not None and opts.gpus_per_trial > max_gpus:
-        raise RunError(f"--gpus-per-trial {opts.gpus_per_trial} is more than any node has (largest: {max_gpus:g} GPUs)")
+def shipped(params: list[dict]) -> dict[str, Any]:
+    """What the trials get through the object store, read once by the driver: each dataset (the
+    whole split: max_train_samples applies per trial) and each --weights file's bytes."""
+    out: dict[str, Any] = {}
     for p in params:
-        p["cpus"] = opts.cpus_per_trial or p["cpus"]
-        # A GPU share only where GPUs exist: on a CPU-only cluster the suite's share would never schedule.
-        p["gpus"] = opts.gpus_per_trial if opts.gpus_per_trial is not None else (p["gpus"] if max_gpus else 0.0)
-        p["gpus"] = min(p["gpus"], max_gpus)
-        if p["cpus"] > max_cpus:
-            raise RunError(f"--cpus-per-trial {p['cpus']} is more than any node has (largest: {max_cpus:g} CPUs)")
-        # Torch threads match the trial's CPUs: more threads than cores only contend.
-        p["config"]["num_threads"] = int(p["cpus"])
+        config = TrainConfig.from_dict(p["config"])
+        if data_key(config) not in out:
+            out[data_key(config)] = load_arrays(TrainConfig.from_dict({**p["config"], "max_train_samples": 0}))
+        if config.weights and weights_key(config.weights) not in out:
+            out[weights_key(config.weights)] = Path(config.weights).read_bytes()
+    return out
 
 
 def _resources(param: dict) -> tune.PlacementGroupFactory:
@@ -210,25 +112,14 @@ def _dirname(trial) -> str:
     return f"{t['order']:03d}-{t['name'].replace('/', '-')}-r{t['repeat']}"
 
 
-def _datasets(params: list[dict]) -> dict[str, data_mod.Arrays]:
-    """Each dataset the trials need, read once in the driver (max_train_samples applies per trial)."""
-    out = {}
-    for p in params:
-        config = TrainConfig.from_dict(p["config"])
-        key = _data_key(config)
-        if key not in out:
-            out[key] = load_arrays(TrainConfig.from_dict({**p["config"], "max_train_samples": 0}))
-    return out
-
-
-def tuner(params: list[dict], opts: RunOptions, callbacks: list, datasets: dict) -> tune.Tuner:
+def tuner(params: list[dict], opts: RunOptions, callbacks: list, objects: dict) -> tune.Tuner:
     """A new Tuner for `params`, or the restored one of opts.run_dir when resuming."""
-    trainable = tune.with_resources(tune.with_parameters(_trainable, **datasets), _resources)
+    fn = tune.with_resources(tune.with_parameters(trainable, **objects), _resources)
     exp = experiment_dir(opts.run_dir)
     if opts.resume:
-        return tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(str(exp), fn, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(
-        trainable,
+        fn,
         param_space={"trial": tune.grid_search(params)},
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=_dirname),
@@ -238,28 +129,43 @@ def tuner(params: list[dict], opts: RunOptions, callbacks: list, datasets: dict)
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
 
-def experiment_dir(run_dir: Path) -> Path:
-    """Tune's experiment folder (checkpoints, result.json files) inside a run folder."""
-    return Path(run_dir) / "tune" / "experiment"
-
-
 class ResultsCallback(tune.Callback):
-    """Rewrites the Parquet files as trials finish, and feeds the live view each epoch.
+    """Rewrites the Parquet files as trials finish, feeds the live view each epoch, and says so
+    when trials wait for resources (Tune's own warning is muted with the rest of its logging).
 
     Tune pickles callbacks into the experiment and, on resume, calls the unpickled ones, so this
     holds nothing: the run folder (which may have moved since) and the live view (a rich
-    object) are the running driver's, looked up in ACTIVE, which `run` fills."""
+    object) are the running driver's, looked up in ACTIVE, which `run_trials` fills."""
+
+    WAIT_S = 30.0      # how long trials may wait for resources before the view says so
 
     def _show(self, trial, result: dict, method: str = "update") -> None:
         view = ACTIVE.get("view")
         if view is not None and hasattr(view, method):
             getattr(view, method)(trial.config["trial"], result)
 
+    def on_step_begin(self, iteration, trials, **info):
+        """Stop at once if the private Ray node died under the driver (Ray's core worker would
+        end the process soon, without a word); once per WAIT_S while trials are pending and
+        none has started meanwhile, say so in one line."""
+        if _dead(ACTIVE.get("raylet")):
+            raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)")
+        pending = [t for t in trials if t.status == "PENDING"]
+        now = time.monotonic()
+        since = ACTIVE.setdefault("progress_at", now)
+        if not pending or now - since < self.WAIT_S:
+            return
+        ACTIVE["progress_at"] = now
+        view = ACTIVE.get("view")
+        if view is not None and hasattr(view, "warn"):
+            view.warn(waiting_line(pending))
+
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial failed and Tune restarts it from its last checkpoint (FailureConfig)."""
-        self._show(trial, {"error": _summary(_last_error_line(trial))}, method="restarting")
+        self._show(trial, {"error": summary(_last_error_line(trial))}, method="restarting")
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        ACTIVE["progress_at"] = time.monotonic()
         self._show(trial, {"status": "running"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -270,7 +176,7 @@ class ResultsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._show(trial, {"status": "error"})
-        self._show(trial, {"error": _summary(_last_error_line(trial)), "log": trial.error_file}, method="failed")
+        self._show(trial, {"error": summary(_last_error_line(trial)), "log": trial.error_file}, method="failed")
         self._write()
 
     def _write(self) -> None:
@@ -282,6 +188,57 @@ class ResultsCallback(tune.Callback):
             logging.getLogger("raycnn").warning("could not write results yet: %s", e)
 
 
+def waiting_line(pending: list) -> str:
+    """What pending trials need against what the cluster has now, in one line."""
+    needs = sorted({(t.config["trial"]["cpus"], t.config["trial"]["gpus"]) for t in pending})
+    need = ", ".join(f"{c:g} CPU" + (f" + {g:g} GPU" if g else "") for c, g in needs)
+    total, free = ray.cluster_resources(), ray.available_resources()
+    have = ", ".join(f"{free.get(k, 0):g}/{total.get(k, 0):g} {k}" for k in ("CPU", "GPU") if total.get(k) or k == "CPU")
+    return (f"{len(pending)} trial(s) waiting for resources: each needs {need}; the cluster has {have} free "
+            f"now (an autoscaling cluster adds nodes for them)")
+
+
+def _raylet():
+    """The private local instance's raylet process (a Popen: its child, so a killed one is a
+    zombie until polled); None when joined to a cluster."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    procs = getattr(node, "all_processes", {}) or {}
+    infos = procs.get(ray._private.ray_constants.PROCESS_TYPE_RAYLET, [])
+    return infos[0].process if infos else None
+
+
+def _dead(raylet) -> bool:
+    return raylet is not None and raylet.poll() is not None
+
+
+@contextmanager
+def ray_output_to(path: Path):
+    """Within the block, what Ray prints (its C++ logs on fd 2, its Python lines on stdout) goes
+    to `path`; raycnn's own lines (sys.stderr: the live view, warnings) still reach the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    py_out, py_err = sys.stdout, sys.stderr
+    with open(path, "a", buffering=1) as log:
+        terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
+        try:
+            sys.stdout, sys.stderr = log, terminal
+            for fd in (1, 2):
+                os.dup2(log.fileno(), fd)
+            yield
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+            for fd in (1, 2):
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+            sys.stdout, sys.stderr = py_out, py_err
+            terminal.close()
+
+
+RAY_LOG = "ray.log"      # in the run folder: what Ray prints during a run
+
+
 def _last_error_line(trial) -> str:
     """The last line of a failed trial's error as Tune recorded it."""
     try:
@@ -291,137 +248,58 @@ def _last_error_line(trial) -> str:
     return lines[-1] if lines else "its worker died"
 
 
-def _summary(error: str, limit: int = 200) -> str:
-    """The first sentence of an error line, at most `limit` characters (Ray's run on)."""
-    first = re.split(r"(?<=\.)\s", error.strip(), maxsplit=1)[0]
-    return first if len(first) <= limit else first[:limit - 3] + "..."
-
-
 # The running driver's run folder and live view, for ResultsCallback (see there).
 ACTIVE: dict[str, Any] = {}
 
 
-def run(trials: list[Trial], opts: RunOptions, view=None) -> str:
+def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
     """Run `trials` (x repeats) under Tune into opts.run_dir; returns ok | errors | interrupted."""
-    params = expand(trials, opts.repeats)
-    datasets = _datasets(params)      # before Ray starts: missing data fails fast
-    # SIGTERM acts as Ctrl-C: inside fit Tune stops gracefully on SIGINT (fit returns); before
-    # it, the KeyboardInterrupt still shuts Ray down below.
-    as_sigint = lambda *_: os.kill(os.getpid(), signal.SIGINT)
-    previous = signal.signal(signal.SIGTERM, as_sigint)
-    try:
-        connect(opts)
-        signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
+    with RunLock(opts.run_dir):       # first: a second driver must change nothing
+        params = expand(trials, opts.repeats)
+        with phase(opts.timings, "read data"):
+            objects = shipped(params)     # before Ray starts: missing data fails fast
         try:
-            place(params, opts)
-            if view is not None:
-                view.start(params)
-            ACTIVE.update(run_dir=str(opts.run_dir), view=view)
-            try:
-                tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], datasets).fit()
-            finally:
-                ACTIVE.clear()
-                if view is not None:
-                    view.stop()
-        finally:
-            ray.shutdown()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    trial_rows, _ = write_results(opts.run_dir)
+            with ray_output_to(Path(opts.run_dir) / RAY_LOG):
+                _drive(params, opts, view, objects)
+        except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
+            if view is not None and hasattr(view, "warn"):
+                view.warn(f"{e}; Ray's log: {Path(opts.run_dir) / RAY_LOG}")
+        with phase(opts.timings, "write results"):
+            trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
     if len(trial_rows) < len(params) or "running" in statuses:
         return "interrupted"
     return "errors" if "error" in statuses else "ok"
 
 
-# ---------------------------------------------------------------- results from Tune's folder
-
-def collect(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Trial rows and epoch rows from the result.json files of the run's Tune experiment."""
-    trial_rows, epoch_rows = [], []
-    exp = experiment_dir(run_dir)
-    states = _tune_states(exp)
-    for folder in sorted(p for p in exp.glob("*") if (p / "params.json").exists()):
-        try:
-            meta = json.loads((folder / "params.json").read_text())["trial"]
-        except (json.JSONDecodeError, KeyError):
-            continue      # Tune is still writing it; the next rewrite picks the trial up
-        epochs = _epochs(folder / "result.json")
-        errors = (folder / "error.txt").read_text().strip().splitlines() if (folder / "error.txt").exists() else []
-        trial_rows.append(_trial_row(meta, epochs, errors, states.get(folder.name)))
-        epoch_rows += [_epoch_row(meta, e) for e in epochs]
-    return trial_rows, epoch_rows
-
-
-def _tune_states(exp: Path) -> dict[str, str]:
-    """Tune's status of each trial (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) by trial folder,
-    from its newest experiment state; {} where there is none yet."""
-    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
+    """Connect, place and fit the Tuner; Ray is shut down whatever happens."""
+    # SIGTERM acts as Ctrl-C: inside fit Tune stops gracefully on SIGINT (fit returns); before
+    # it, the KeyboardInterrupt still shuts Ray down below.
+    as_sigint = lambda *_: os.kill(os.getpid(), signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, as_sigint)
     try:
-        data = json.loads(files[-1].read_text())["trial_data"] if files else []
-        states = [json.loads(t[0]) for t in data]
-        return {t["relative_logdir"]: t["status"] for t in states}
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return {}
-
-
-def _epochs(path: Path) -> list[dict]:
-    """The epoch results of one trial, in order. A restarted trial reports again from the epoch
-    after its checkpoint (or from 1 when it starts over): a report of epoch k supersedes every
-    earlier report of epoch k and later, so the rows are those of the run that went on."""
-    by_epoch: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    result = json.loads(line)
-                except json.JSONDecodeError:
-                    continue      # a line cut off by a crash
-                if "epoch" in result:
-                    by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
-                    by_epoch[result["epoch"]] = result
-    return [by_epoch[k] for k in sorted(by_epoch)]
-
-
-EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "lr_backbone", "seconds",
-                "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
-TRIAL_META = ("name", "suite", "table", "row", "column", "order", "report_acc", "repeat", "git_rev",
-              "torch_version", "torchvision_version", "ray_version", "python_version")
-
-
-def _epoch_row(meta: dict, e: dict) -> dict:
-    row = {k: meta[k] for k in ("name", "suite", "repeat", "table", "row", "column")}
-    return row | {k: e.get(k) for k in EPOCH_FIELDS}
-
-
-def _trial_row(meta: dict, epochs: list[dict], errors: list[str], tune_status: str | None = None) -> dict:
-    last = epochs[-1] if epochs else {}
-    done = bool(last.get("finished"))
-    failures = sum(line.startswith("Failure #") for line in errors)
-    # Not done: failed for good only where Tune says so (a trial that failed, restarted and was
-    # then interrupted is unfinished, not failed); without Tune's state, any recorded failure.
-    failed = tune_status == "ERROR" if tune_status else bool(errors)
-    summary = outcome(epochs)                   # final/best/status: the trainer's one rule
-    status = summary["status"] if done else ("error" if failed else "running")
-    # A trial that failed and was restarted says so: it may have run partly twice.
-    warnings = [e["warning"] for e in epochs if e.get("warning")]
-    if failures and status != "error":
-        warnings.append(f"restarted after {failures} failure(s), the last: {_summary(errors[-1])}")
-    row = {k: meta[k] for k in TRIAL_META} | meta["config"]
-    return row | summary | {
-        "status": status,
-        "wall_seconds": last.get("time_total_s", math.nan),
-        "node": last.get("node", ""), "device": last.get("device", ""), "precision": last.get("precision", ""),
-        "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"],
-        "error": errors[-1] if status == "error" and errors else "",
-        "failures": failures, "warning": "; ".join(warnings),
-    }
-
-
-def write_results(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(Re)write RUN_DIR/trials.parquet and epochs.parquet from Tune's folder, atomically."""
-    trial_rows, epoch_rows = collect(run_dir)
-    if trial_rows:
-        results.write_parquet(trial_rows, Path(run_dir) / "trials.parquet")
-        results.write_parquet(epoch_rows, Path(run_dir) / "epochs.parquet")
-    return trial_rows, epoch_rows
+        with phase(opts.timings, "ray start-up"):
+            cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
+        signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
+        try:
+            cluster.place(params, opts.cpus_per_trial, opts.gpus_per_trial, cluster.shapes())
+            if view is not None:
+                view.start(params)
+            ACTIVE.update(run_dir=str(opts.run_dir), view=view, raylet=None if opts.address else _raylet())
+            try:
+                with phase(opts.timings, "tune"):
+                    tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], objects).fit()
+            except Exception as e:
+                if _dead(ACTIVE.get("raylet")) and not isinstance(e, NodeDied):   # Tune may wrap it
+                    raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)") from None
+                raise
+            finally:
+                ACTIVE.clear()
+                if view is not None:
+                    view.stop()
+        finally:
+            with phase(opts.timings, "ray shutdown"):
+                ray.shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

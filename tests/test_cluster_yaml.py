@@ -147,3 +147,24 @@ def test_ray_validation_rejects_a_broken_copy(offline, raw, case):
     break_it(broken)
     with pytest.raises(error):           # ... the broken copy does not
         ray_up_checks(broken)
+
+
+def test_every_bundled_suite_packs_onto_the_gpu_worker(raw):
+    """Each trial's CPU and GPU request fits the GPU worker type, and the trials that share one
+    GPU (1 / gpus_per_trial of them) also get their CPUs on that node: no GPU share is left idle
+    for want of cores."""
+    from raycnn import suites
+    from raycnn.cluster import fits, types_in
+    (worker,) = gpu_worker_types(raw).values()
+    shape = {k: float(v) for k, v in worker["resources"].items()}
+    assert types_in(CLUSTER_YAML) == [shape]       # what placement sees before any worker exists
+    checked = 0
+    for name, path in suites.bundled().items():
+        for t in suites.load(path).trials:
+            assert fits({"CPU": t.cpus_per_trial, "GPU": t.gpus_per_trial}, shape), (t.name, shape)
+            if t.gpus_per_trial:
+                per_gpu = round(1 / t.gpus_per_trial)
+                assert per_gpu * t.cpus_per_trial <= shape["CPU"] / shape["GPU"], \
+                    f"{t.name}: {per_gpu} trials share a GPU but a worker has {shape['CPU']:g} CPUs"
+            checked += 1
+    assert checked >= 59

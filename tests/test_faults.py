@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -468,6 +469,13 @@ def test_killed_trial_restarts_from_its_checkpoint(tmp_path, ray_tmp):
 
 # ---------------------------------------------------------------- several nodes
 
+@dataclass
+class Cluster:
+    address: str
+    temp: Path          # the head's --temp-dir: the driver's staging copies of result.json are there
+    mark: str           # NAME=VALUE in the environment of every process of this cluster
+
+
 @pytest.fixture
 def cluster(tmp_path):
     """A Ray head (1 CPU) and a second node (2 CPUs) on this machine, on loopback, started with
@@ -491,7 +499,7 @@ def cluster(tmp_path):
                  "print(sum(n['Alive'] for n in ray.nodes()))" % port)
         nodes = subprocess.run([PY, "-c", count], capture_output=True, text=True, env=env, timeout=300)
         assert nodes.stdout.strip().splitlines()[-1:] == ["2"], nodes.stdout + nodes.stderr[-2000:]
-        yield f"127.0.0.1:{port}"
+        yield Cluster(f"127.0.0.1:{port}", temp, mark)
     finally:
         stop_marked(mark)
         shutil.rmtree(temp, ignore_errors=True)
@@ -529,7 +537,7 @@ def test_trials_spread_over_two_nodes(tmp_path, cluster):
     suite = tmp_path / "ft.toml"
     suite.write_text(FAULT_SUITE.replace("epochs = 1", "epochs = 2").replace("epochs = 3", "epochs = 2"))
     res = tmp_path / "results"
-    out = raycnn("run", suite, "--synthetic", "--address", cluster, "--results-dir", res, "--name", "multi",
+    out = raycnn("run", suite, "--synthetic", "--address", cluster.address, "--results-dir", res, "--name", "multi",
                  env={**os.environ, **BASE_ENV})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr
@@ -542,12 +550,87 @@ def test_trials_spread_over_two_nodes(tmp_path, cluster):
         assert list(folder.glob("checkpoint_*/state.pt")), folder   # checkpoints from both nodes, here
 
 
+def raylet_of_second_node(mark: str) -> tuple[int, str]:
+    """(pid, node id) of the cluster's non-head raylet."""
+    for pid in marked(mark):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if argv[0].endswith("raylet/raylet") and not any("__internal_head__" in a for a in argv):
+            return pid, next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id="))
+    pytest.fail("no second raylet")
+
+
+@pytest.mark.slow
+def test_trials_survive_a_lost_node(tmp_path, cluster):
+    """A worker node dies (a spot instance reclaimed): its trials restart from their last
+    checkpoints on the node left, and the run ends with each epoch exactly once."""
+    suite = tmp_path / "ft.toml"
+    suite.write_text(FAULT_SUITE.replace("epochs = 1", "epochs = 3"))
+    res = tmp_path / "results"
+    raylet, node_id = raylet_of_second_node(cluster.mark)
+    run = Background("run", suite, "--synthetic", "--address", cluster.address, "--results-dir", res,
+                     "--name", "lost", env={**os.environ, **BASE_ENV}, logs=tmp_path / "logs")
+    try:
+        def on_second_node():
+            going = [t for t in reported(cluster.temp).values()
+                     if t and t[-1].get("node_id") == node_id and not t[-1].get("finished")]
+            return going
+        wait_for("an epoch of a trial on the second node", on_second_node, timeout=900, proc=run, every=0.2)
+        os.kill(raylet, signal.SIGKILL)
+        rc, _, err = run.wait()
+    finally:
+        run.stop()
+    assert rc == 0, err[-3000:]
+    assert "Traceback" not in err
+    trials, epochs = results.load_run(res / "lost")
+    assert len(trials) == 3 and set(trials.status) == {"ok"}, trials[["name", "status", "error"]]
+    for name in trials.name:
+        assert list(epochs_of(epochs, name).epoch) == [1, 2, 3], name       # exactly `epochs` rows each
+    restarted = trials[trials.failures > 0]
+    assert len(restarted) >= 1, trials[["name", "node", "failures"]]
+    assert not any(n.endswith(node_id[:8]) for n in trials.node)          # all ended on the head
+    for name in restarted.name:
+        assert epochs_of(epochs, name).resumed.iloc[-1], name              # from a checkpoint
+
+
+@pytest.mark.slow
+def test_the_drivers_local_node_dying(tmp_path, ray_tmp):
+    """The private local instance dies under the driver: a few lines, the resume command, exit
+    130; Ray's own output in RUN/ray.log; --resume then completes the run."""
+    suite = tmp_path / "ft.toml"
+    suite.write_text(FAULT_SUITE)
+    res = tmp_path / "results"
+    args = ("run", suite, "--synthetic", "--filter", "ft/long", "--num-cpus", "1", "--results-dir", res)
+    run = Background(*args, "--name", "d", env=cli_env(ray_tmp), logs=tmp_path / "logs")
+    try:
+        wait_for("the first epoch", lambda: [r for t in reported(ray_tmp).values() for r in t],
+                 timeout=900, proc=run, every=0.2)
+        (raylet,) = [p for p in subprocess.run(["pgrep", "-f", f"raylet/raylet.*{ray_tmp}"], capture_output=True,
+                                               text=True).stdout.split()]
+        os.kill(int(raylet), signal.SIGKILL)
+        rc, out, err = run.wait(timeout=300)
+    finally:
+        run.stop()
+    lines = err.strip().splitlines()
+    assert rc == 130, err[-3000:]
+    assert len(lines) <= 5 and "Traceback" not in err and out.strip() == "", (out[-2000:], err[-3000:])
+    assert any("the local Ray node died" in l for l in lines), err
+    assert lines[-1].startswith("raycnn: interrupted; resume with: raycnn run") and lines[-1].endswith("--name d --resume")
+    assert (res / "d" / "ray.log").stat().st_size > 0
+    again = raycnn(*args, "--name", "d", "--resume", env=cli_env(ray_tmp))
+    assert again.returncode == 0, again.stderr[-3000:]
+    trials, epochs = results.load_run(res / "d")
+    assert list(trials.status) == ["ok"] and list(epochs_of(epochs, "ft/long").epoch) == [1, 2, 3]
+
+
 # ---------------------------------------------------------------- results after faults (no Ray run)
 
 def test_results_keep_the_lineage_that_went_on(tmp_path):
     """collect() on hand-made Tune folders: re-reported epochs, restarts and Tune's statuses."""
-    from raycnn import tune as raytune
-    exp = raytune.experiment_dir(tmp_path)
+    from raycnn import experiment
+    exp = experiment.experiment_dir(tmp_path)
     meta = {"name": "x", "suite": "s", "table": "t", "row": "r", "column": "c", "order": 0, "report_acc": 0.5,
             "repeat": 0, "git_rev": "g", "torch_version": "1", "torchvision_version": "1", "ray_version": "1",
             "python_version": "3", "gpus": 0.0, "cpus": 1, "config": {"epochs": 3}}
@@ -573,7 +656,7 @@ def test_results_keep_the_lineage_that_went_on(tmp_path):
                                          ("cut", "RUNNING"))]}
     (exp / "experiment_state-2026.json").write_text(json.dumps(state))
 
-    rows, epochs = raytune.collect(tmp_path)
+    rows, epochs = experiment.collect(tmp_path)
     by = {r["name"]: r for r in rows}
     ep = lambda n: [(e["epoch"], e["resumed"]) for e in epochs if e["name"] == n]
     assert ep("killed") == [(1, False), (2, True), (3, True)]

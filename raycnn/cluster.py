@@ -1,0 +1,152 @@
+"""Joining a Ray cluster (or starting a private one) and fitting trials to its node shapes.
+
+Placement checks each trial's request against the nodes the cluster **can** have: the nodes
+alive now plus the node types its autoscaler may start. A request that fits one of them is
+submitted (Tune's pending trials are what makes the autoscaler add workers); one that fits none
+fails in one line before any trial starts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+import ray
+import yaml
+
+from raycnn.errors import RunError
+
+Shape = dict[str, float]     # a node's resources, e.g. {"CPU": 8, "GPU": 1}
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None,
+            log_dir: Path | None = None) -> None:
+    """Join the cluster at `address`, or start a private local instance (with `num_cpus` and
+    `num_gpus`); a private instance keeps its logs in `log_dir`, not on the terminal."""
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if address:
+        check_reachable(address)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:   # ray raises several types here; all mean the same to the user
+            raise RunError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    else:
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+        except Exception as e:
+            raise RunError(f"cannot start a local Ray instance: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    # Tune logs each failed trial with its traceback; raycnn says it in one line instead, and
+    # the traceback stays in the trial's error.txt.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+
+
+# An HTTP/2 client connection preface with an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, on a HOST:PORT that is not a Ray cluster (ray.init, and Ray's own
+    GCS client, retry for a minute or more there, printing C++ warnings). Ray's GCS speaks gRPC,
+    i.e. HTTP/2: its first bytes back are a SETTINGS frame (type 4 in the 4th byte)."""
+    if address == "auto" or ":" not in address:
+        return
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=3) as conn:
+            conn.settimeout(timeout)
+            conn.sendall(H2_PREFACE)
+            head = conn.recv(9, socket.MSG_WAITALL)
+    except (OSError, ValueError) as e:
+        if isinstance(e, (ConnectionRefusedError, ValueError, socket.gaierror)):
+            raise RunError(f"cannot reach a Ray cluster at {address}") from None
+        head = b""      # a timeout or a reset: something answers, not as Ray
+    if len(head) < 9 or head[3] != 4:
+        raise RunError(f"{address} answers, but not as a Ray cluster (no Ray GCS there: is it the head's --port?)")
+
+
+# ---------------------------------------------------------------- what the cluster can have
+
+def shapes() -> list[Shape]:
+    """The resources of every node the cluster has now or its autoscaler may start."""
+    alive = [{k: v for k, v in n["Resources"].items() if k in ("CPU", "GPU")}
+             for n in ray.nodes() if n.get("Alive")]
+    return alive + autoscaler_types()
+
+
+def autoscaler_types() -> list[Shape]:
+    """The worker types the cluster's autoscaler may start (max_workers > 0); [] without one.
+
+    Autoscaler v2 publishes its config in the GCS. The v1 autoscaler (Ray's default, and what
+    `ray up` runs) publishes none, but runs on the head as `monitor.py --autoscaling-config=FILE`:
+    a driver on the head (as docs/cluster.md runs it) reads that FILE."""
+    from ray._private.state import state     # Ray's own reader of the GCS cluster config
+    try:
+        config = state.get_cluster_config()
+    except Exception:
+        config = None
+    if config is not None and config.node_group_configs:
+        return [{k: float(v) for k, v in g.resources.items() if k in ("CPU", "GPU")}
+                for g in config.node_group_configs if g.max_count != 0]
+    path = monitor_config(ray.get_runtime_context().gcs_address)
+    return types_in(path) if path else []
+
+
+def monitor_config(gcs_address: str) -> Path | None:
+    """The --autoscaling-config of the autoscaler serving `gcs_address`, if it runs on this host."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith("autoscaler/_private/monitor.py") for a in argv):
+            continue
+        opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        if opts.get("autoscaling-config") and _same_port(opts.get("gcs-address", ""), gcs_address):
+            return Path(opts["autoscaling-config"]).expanduser()
+    return None
+
+
+def _same_port(a: str, b: str) -> bool:
+    # The monitor names the head by its node IP, a driver may name it 127.0.0.1: one host, one port.
+    return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1] != ""
+
+
+def types_in(path: Path) -> list[Shape]:
+    """The worker node types of an autoscaler config file (cluster.yaml's layout)."""
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+        types = config["available_node_types"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return []
+    cap = config.get("max_workers", 1)
+    return [{k: float(v) for k, v in t.get("resources", {}).items() if k in ("CPU", "GPU")}
+            for name, t in types.items()
+            if name != config.get("head_node_type") and min(t.get("max_workers", cap), cap) > 0]
+
+
+# ---------------------------------------------------------------- placement
+
+def place(params: list[dict], cpus_per_trial: int | None, gpus_per_trial: float | None,
+          nodes: list[Shape]) -> None:
+    """Set each trial's CPU/GPU share from the options and the node shapes the cluster can have;
+    RunError where no shape can ever hold a trial."""
+    max_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
+    if gpus_per_trial is not None and gpus_per_trial > max_gpus:
+        raise RunError(f"--gpus-per-trial {gpus_per_trial:g} is more than any node has (largest: {max_gpus:g} GPUs)")
+    for p in params:
+        p["cpus"] = cpus_per_trial or p["cpus"]
+        # A GPU share only where GPUs exist: on a CPU-only cluster the suite's share would never schedule.
+        p["gpus"] = min(gpus_per_trial if gpus_per_trial is not None else (p["gpus"] if max_gpus else 0.0), max_gpus)
+        if not any(fits({"CPU": p["cpus"], "GPU": p["gpus"]}, n) for n in nodes):
+            largest = max((n.get("CPU", 0) for n in nodes if n.get("GPU", 0) >= p["gpus"]), default=0)
+            raise RunError(f"--cpus-per-trial {p['cpus']} is more than any node has "
+                           f"(largest: {largest:g} CPUs{' with a GPU' if p['gpus'] else ''})")
+        # Torch threads match the trial's CPUs: more threads than cores only contend.
+        p["config"]["num_threads"] = max(1, int(p["cpus"]))
+
+
+def fits(request: Shape, node: Shape) -> bool:
+    """Whether a node of this shape can hold the request."""
+    return all(node.get(k, 0) >= v for k, v in request.items() if v)

@@ -1,0 +1,54 @@
+"""The Tune trial function: one trial of a suite is one `raycnn.trainer.fit`, reporting each
+epoch with its checkpoint, so a failed trial restarts from its last epoch.
+
+Runs in a Ray worker. Datasets and `--weights` files arrive through Ray's object store
+(`tune.with_parameters`), so no worker needs the driver's files.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import ray
+from ray import tune
+
+from raycnn import data as data_mod
+from raycnn.trainer import TrainConfig, fit
+
+
+def data_key(config: TrainConfig) -> str:
+    """The key of a trial's dataset among those the driver ships."""
+    return f"{config.dataset_name}{'-synthetic' if config.synthetic else ''}"
+
+
+def weights_key(path: str) -> str:
+    """The key of a --weights file's bytes among the shipped objects."""
+    return f"weights:{path}"
+
+
+def trainable(param: dict, **shipped) -> None:
+    """One trial: fit the config, reporting each epoch with its checkpoint to Tune."""
+    meta = param["trial"]
+    config = TrainConfig.from_dict(meta["config"])
+    arrays = data_mod.subset(shipped[data_key(config)], config.max_train_samples)
+    ctx = ray.get_runtime_context()
+    where = {"node": f"{socket.gethostname()}/{ctx.get_node_id()[:8]}", "hostname": socket.gethostname(),
+             "node_id": ctx.get_node_id()}
+    restored = tune.get_checkpoint()
+    with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
+        if config.weights:     # the driver's file, as bytes: written here for the model to load
+            local = Path(tmp) / "weights.pt"
+            local.write_bytes(shipped[weights_key(config.weights)])
+            config = TrainConfig.from_dict({**meta["config"], "weights": str(local)})
+        resume = restored.to_directory(os.path.join(tmp, "resume")) if restored else None
+
+        def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+            # `resumed` (and `warning`, when the checkpoint was unreadable) come from fit.
+            ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+            if metrics.get("warning") and resume:     # name Tune's checkpoint, not our temp copy
+                metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
+            tune.report({"resumed": False, **metrics, **where}, checkpoint=ckpt)
+
+        fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays)
