@@ -577,8 +577,10 @@ def test_trials_survive_a_lost_node(tmp_path, cluster):
             going = [t for t in reported(cluster.temp).values()
                      if t and t[-1].get("node_id") == node_id and not t[-1].get("finished")]
             return going
-        wait_for("an epoch of a trial on the second node", on_second_node, timeout=900, proc=run, every=0.2)
+        going = wait_for("an epoch of a trial on the second node", on_second_node, timeout=900, proc=run, every=0.2)
         os.kill(raylet, signal.SIGKILL)
+        checkpointed = {folder for folder, t in reported(cluster.temp).items()
+                        if t and t[-1].get("node_id") == node_id and not t[-1].get("finished")} if going else set()
         rc, _, err = run.wait()
     finally:
         run.stop()
@@ -591,8 +593,11 @@ def test_trials_survive_a_lost_node(tmp_path, cluster):
     restarted = trials[trials.failures > 0]
     assert len(restarted) >= 1, trials[["name", "node", "failures"]]
     assert not any(n.endswith(node_id[:8]) for n in trials.node)          # all ended on the head
-    for name in restarted.name:
-        assert epochs_of(epochs, name).resumed.iloc[-1], name              # from a checkpoint
+    # A trial that had checkpointed an epoch there went on from it (one that had not starts over).
+    names = {f.split("-", 1)[1].rsplit("-r", 1)[0].replace("-", "/") for f in checkpointed}
+    assert names and names <= set(restarted.name), (names, restarted.name)
+    for name in names:
+        assert epochs_of(epochs, name).resumed.iloc[-1], name
 
 
 @pytest.mark.slow
