@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from raycnn import results, suites
+from raycnn import results, screen, suites
 from raycnn.data import DataError
 from raycnn.trainer import ConfigError
 
@@ -32,21 +32,28 @@ def cmd_list(args) -> int:
     paths = suites.resolve(args.suite or "all")
     loaded = [suites.load(p) for p in paths]
     if args.suite is None:
-        table = Table("suite", "trials", "description", title="raycnn suites")
-        for s in loaded:
-            table.add_row(s.name, str(len(s.trials)), s.description)
+        sheet = screen.Sheet(["suite", "trials", "description"], title="raycnn suites", drop=("description",))
+        sheet.rows = [[s.name, str(len(s.trials)), s.description] for s in loaded]
     else:
-        table = Table("trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune", "report",
-                      title=f"{args.suite}")
-        for s in loaded:
-            for t in s.trials:
-                c = t.config
-                opt = c.optimizer + (f" m={c.momentum:g}" if c.momentum else "") + (f" wd={c.weight_decay:g}" if c.weight_decay else "")
-                table.add_row(t.name, c.model, opt, f"{c.lr:g}", str(c.epochs), "+".join(c.augment) or "-",
-                              c.scheduler, c.finetune, "-" if math.isnan(t.report_acc) else f"{100 * t.report_acc:.0f}%")
-    console.print(table)
-    console.print(f"{sum(len(s.trials) for s in loaded)} trials in {len(loaded)} suite(s)")
+        sheet = screen.Sheet(["trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune",
+                              "report"], title=args.suite, drop=LIST_DROP)
+        sheet.rows = [_trial_cells(t) for s in loaded for t in s.trials]
+    screen.emit(console, [sheet])
+    # On a pipe stdout carries the table lines only; the count goes beside them.
+    (console if console.is_terminal else err_console).print(
+        f"{sum(len(s.trials) for s in loaded)} trials in {len(loaded)} suite(s)")
     return 0
+
+
+# Least useful first: what goes when a terminal is too narrow for the whole trial list.
+LIST_DROP = ("scheduler", "augment", "finetune", "epochs", "model", "lr", "optimizer")
+
+
+def _trial_cells(t: suites.Trial) -> list[str]:
+    c = t.config
+    opt = c.optimizer + (f" m={c.momentum:g}" if c.momentum else "") + (f" wd={c.weight_decay:g}" if c.weight_decay else "")
+    return [t.name, c.model, opt, f"{c.lr:g}", str(c.epochs), "+".join(c.augment) or "-", c.scheduler, c.finetune,
+            "-" if math.isnan(t.report_acc) else f"{100 * t.report_acc:.0f}%"]
 
 
 # ---------------------------------------------------------------- run
@@ -161,10 +168,8 @@ def cmd_run(args) -> int:
     except BaseException:
         discard(created)                         # e.g. Ray did not start: no half-made run left
         raise
-    trials_df, _ = results.load_run(run_dir) if (run_dir / "trials.parquet").exists() else (None, None)
-    if trials_df is not None:
-        for table in results.rich_tables(trials_df):
-            console.print(table)
+    if (run_dir / results.TRIALS_FILE).exists():
+        screen.emit(console, results.sheets(results.load_run(run_dir)[0]))
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
@@ -267,14 +272,35 @@ class LiveView:
 
 # ---------------------------------------------------------------- table, plot
 
+def load_runs(run_dirs: list[str]) -> "pd.DataFrame":
+    """The trial rows of the given run folders, laid together by `results.combine`'s rule."""
+    return results.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
+
+
 def cmd_table(args) -> int:
-    """`raycnn table RUN_DIR`: the run's cells beside the report's, laid out as the report."""
-    trials, _ = results.load_run(args.run_dir)
+    """`raycnn table RUN [RUN ...]`: the runs' cells beside the report's, laid out as the report.
+    A trial in several runs: the same config pools its repeats, another config takes the later run."""
+    trials = load_runs(args.run_dirs)
     if args.format == "rich":
-        for table in results.rich_tables(trials):
-            console.print(table)
+        # On a pipe: one tab-separated line per trial, whatever the grid looks like.
+        screen.emit(console, results.sheets(trials, args.source) if console.is_terminal
+                    else [results.long_sheet(trials)])
     else:
-        sys.stdout.write(results.render(trials, args.format))
+        sys.stdout.write(results.render(trials, args.format, args.source))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """`raycnn compare RUN_A RUN_B`: per trial in both, A, B and B - A."""
+    a, b = (load_runs([d]) for d in (args.run_a, args.run_b))
+    diffs = results.compare(a, b)
+    if diffs.empty:
+        raise results.ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
+    if args.format == "rich":
+        screen.emit(console, [results.compare_sheet(diffs, Path(args.run_a).name, Path(args.run_b).name)])
+    else:
+        sys.stdout.write(diffs.to_csv(index=False) if args.format == "csv"
+                         else diffs.to_json(orient="records", indent=1) + "\n")
     return 0
 
 
@@ -317,10 +343,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="print a run's results beside the report's")
-    t.add_argument("run_dir")
-    t.add_argument("--format", choices=["rich", "markdown", "csv"], default="rich")
+    t = sub.add_parser("table", help="print runs' results beside the report's",
+                       description="Several runs: a trial with the same config in several runs pools its "
+                                   "repeats (mean ± std; a seed in two runs counts once, from the later run); "
+                                   "with a different config the later run (on the command line) wins.")
+    t.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), e.g. results/mnist-all-1ep")
+    t.add_argument("--format", choices=["rich", *results.RENDERERS], default="rich",
+                   help="rich: tables on a terminal, tab-separated lines on a pipe")
+    t.add_argument("--source", action="store_true", help="show the run each cell came from")
     t.set_defaults(func=cmd_table)
+
+    c = sub.add_parser("compare", help="two runs side by side: per trial A, B and B - A")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--format", choices=["rich", "csv", "json"], default="rich")
+    c.set_defaults(func=cmd_compare)
 
     pl = sub.add_parser("plot", help="accuracy and loss curves per report table, as PNG")
     pl.add_argument("run_dir")
