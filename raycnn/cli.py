@@ -326,7 +326,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--epochs", type=int, help="override every trial's epochs")
     r.add_argument("--max-train-samples", type=int, help="train on the first N images")
     r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
-    r.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    # Not results/: that folder holds the published runs; runs/ is git-ignored.
+    r.add_argument("--results-dir", default="runs", help="where run folders go (default: runs/)")
     r.add_argument("--name", help="run folder name (default: SUITE-DATE-TIME)")
     r.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
     r.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the suite's)")
