@@ -58,6 +58,21 @@ def _trial_cells(t: suites.Trial) -> list[str]:
 
 # ---------------------------------------------------------------- run
 
+# `--quick`: every cell of the grid in minutes on a 2-core CPU (measured: see the README).
+QUICK = {"epochs": 1, "max_train_samples": 5000}
+# What a cell without ImageNet weights says in the tables, and the exit code of a run that
+# finished every trial it could but skipped those.
+NEEDS_WEIGHTS = "needs ImageNet weights (--weights FILE)"
+EXIT_SKIPPED = 4
+
+
+def _budget(args) -> str:
+    """The training budget recorded in every row: the suite's own, --quick, or reduced by hand."""
+    if args.quick:
+        return "quick"
+    return "reduced" if args.epochs or args.max_train_samples else "full"
+
+
 def select(args) -> list[suites.Trial]:
     """The suite's trials after --filter and the command-line overrides."""
     trials = [t for p in suites.resolve(args.suite) for t in suites.load(p).trials]
@@ -65,8 +80,11 @@ def select(args) -> list[suites.Trial]:
         trials = [t for t in trials if any(fnmatch.fnmatch(t.name, f) for f in args.filter)]
         if not trials:
             raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
-    overrides = {"epochs": args.epochs, "max_train_samples": args.max_train_samples, "precision": args.precision,
-                 "seed": args.seed, "synthetic": True if args.synthetic else None,
+    quick = QUICK if args.quick else {}
+    overrides = {"epochs": args.epochs or quick.get("epochs"),
+                 "max_train_samples": args.max_train_samples or quick.get("max_train_samples"),
+                 "precision": args.precision, "seed": args.seed, "synthetic": True if args.synthetic else None,
+                 "budget": _budget(args),
                  # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
                  "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -77,21 +95,44 @@ def select(args) -> list[suites.Trial]:
     return out
 
 
-def check_weights(trials: list[suites.Trial]) -> None:
-    """Pretrained trials need ImageNet weights: a --weights file, or torchvision's cached download."""
-    need = [t for t in trials if t.config.pretrained and not t.config.weights]
-    for t in trials:
-        if t.config.weights and not Path(t.config.weights).is_file():
-            raise suites.SuiteError(f"--weights {t.config.weights}: no such file")
-    if not need:
-        return
-    import torch, torchvision
+def _imagenet_cached() -> bool:
+    import torchvision
     try:
         torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception:
+        return False
+    return True
+
+
+def split_weights(trials: list[suites.Trial]) -> tuple[list[suites.Trial], list[suites.Trial]]:
+    """(trials to run, pretrained trials skipped for want of ImageNet weights: no --weights file
+    and none in torchvision's cache). Refuses a run where nothing is left to run."""
+    for t in trials:
+        if t.config.weights and not Path(t.config.weights).is_file():
+            raise suites.SuiteError(f"--weights {t.config.weights}: no such file")
+    need = [t for t in trials if t.config.pretrained and not t.config.weights]
+    if not need or _imagenet_cached():
+        return trials, []
+    if len(need) == len(trials):
+        import torch
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise suites.SuiteError(f"ImageNet weights for resnet18 are not in {cache} and cannot be downloaded: "
-                                f"pass --weights FILE (a resnet18 state dict)") from None
+                                f"pass --weights FILE (a resnet18 state dict)")
+    return [t for t in trials if t not in need], need
+
+
+def add_skipped(run_dir: Path, skipped: list[suites.Trial], repeats: int) -> None:
+    """Rows for the trials that were not run, so the tables show why their cells are empty."""
+    import dataclasses
+    import pandas as pd
+    rows = [{"name": t.name, "suite": t.suite, "table": t.table, "row": t.row, "column": t.column,
+             "order": t.order, "report_acc": t.report_acc, "repeat": r, **dataclasses.asdict(t.config),
+             "status": f"skipped: {NEEDS_WEIGHTS}", "final_test_acc": math.nan, "best_test_acc": math.nan}
+            for t in skipped for r in range(repeats)]
+    path = run_dir / results.TRIALS_FILE
+    done = results.load_run(run_dir)[0] if path.exists() else pd.DataFrame()
+    done = done[~done["name"].isin({t.name for t in skipped})] if len(done) else done
+    results.write_parquet(pd.concat([done, pd.DataFrame(rows)], ignore_index=True), path)
 
 
 def prepare_run_dir(args) -> tuple[Path, list[Path]]:
@@ -147,10 +188,12 @@ def cmd_run(args) -> int:
     Everything that can be checked without Ray is checked before Ray is imported. A run that
     cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
     command that resumes it and exits with EXIT["interrupted"]."""
-    trials = select(args)
-    check_weights(trials)
+    trials, skipped = split_weights(select(args))
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, created = prepare_run_dir(args)
+    if skipped:
+        err_console.print(f"raycnn: {len(skipped)} pretrained trial(s) skipped: {NEEDS_WEIGHTS}; the rest runs",
+                          markup=False, highlight=False, soft_wrap=True)
     raytune = None
     try:
         from raycnn import tune as raytune     # Ray is imported here only
@@ -168,14 +211,19 @@ def cmd_run(args) -> int:
     except BaseException:
         discard(created)                         # e.g. Ray did not start: no half-made run left
         raise
+    if skipped and outcome != "interrupted":
+        add_skipped(run_dir, skipped, args.repeats)
     if (run_dir / results.TRIALS_FILE).exists():
         screen.emit(console, results.sheets(results.load_run(run_dir)[0]))
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
-                "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
+                "interrupted": f"interrupted; resume with: {resume_command(args.name)}",
+                "skipped": f"done except {len(skipped)} skipped trial(s) ({NEEDS_WEIGHTS}): results in {run_dir}"}
+    if outcome == "ok" and skipped:
+        outcome = "skipped"
     # One unwrapped line: the resume command must survive copy and paste.
     err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
-    return raytune.EXIT[outcome]
+    return EXIT_SKIPPED if outcome == "skipped" else raytune.EXIT[outcome]
 
 
 class LiveView:
@@ -323,6 +371,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a suite under Ray Tune")
     r.add_argument("suite", help="mnist | cifar10 | pretrained | all | a suite .toml file")
     r.add_argument("--filter", action="append", help="glob on trial names (repeatable), e.g. 'cifar10/base*'")
+    r.add_argument("--quick", action="store_true",
+                   help=f"every cell at a quick budget: {QUICK['epochs']} epoch on the first "
+                        f"{QUICK['max_train_samples']:,} training images (rows say budget=quick)")
     r.add_argument("--epochs", type=int, help="override every trial's epochs")
     r.add_argument("--max-train-samples", type=int, help="train on the first N images")
     r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")

@@ -26,7 +26,7 @@ EPOCHS_FILE = "epochs.parquet"
 TRIAL_COLUMNS = ("name", "table", "row", "column", "order", "status", "final_test_acc", "report_acc")
 EPOCH_COLUMNS = ("name", "repeat", "epoch", "train_acc", "test_acc", "train_loss", "test_loss")
 SUMMARY_COLUMNS = ["table", "row", "column", "name", "suite", "order", "n",
-                   "ours_mean", "ours_std", "report_acc", "diff", "status", "source"]
+                   "ours_mean", "ours_std", "report_acc", "diff", "status", "source", "budget"]
 
 # `order` is a position inside one suite file, so tables of different suites are ordered by
 # suite first: the report's own suites in report order, user suites after them by name.
@@ -131,15 +131,16 @@ def fold_repeats(trials: pd.DataFrame) -> pd.DataFrame:
     `ours_mean`/`ours_std` are over repeats of `final_test_acc` (fractions; std is the sample
     std, NaN for a single repeat), `n` counts repeats, `diff` = ours_mean - report_acc, and
     `status` is "ok", "diverged", ... or e.g. "1/3 diverged" when repeats disagree. `source`
-    names the run(s) the repeats came from ("" for a frame without a `source` column).
+    names the run(s) the repeats came from and `budget` their training budget (full, quick,
+    reduced; "" for a frame without that column, as runs made before it was recorded).
     """
     _require(trials, TRIAL_COLUMNS, "trials")
-    df = trials.assign(**{c: "" for c in ("suite", "source") if c not in trials.columns})
+    df = trials.assign(**{c: "" for c in ("suite", "source", "budget") if c not in trials.columns})
     out = (df.groupby(["table", "row", "column", "name"], sort=False, dropna=False)
            .agg(suite=("suite", "first"), order=("order", "min"), n=("name", "size"),
                 ours_mean=("final_test_acc", "mean"), ours_std=("final_test_acc", "std"),
                 report_acc=("report_acc", "first"), status=("status", _status_summary),
-                source=("source", _joined))
+                source=("source", _joined), budget=("budget", _joined))
            .reset_index())
     out["diff"] = out["ours_mean"] - out["report_acc"]
     rank = out["suite"].map(SUITE_RANK).fillna(len(SUITE_RANK))
@@ -201,6 +202,8 @@ def _cell_text(rec, source: bool = False) -> str:
     diff = "" if pd.isna(rec.diff) else f", {rec.diff * 100:+.1f}"
     text = f"{ours} ({_pct(rec.report_acc, 0)}{diff})"
     text = text if rec.status == "ok" else f"{text} {rec.status}"
+    if rec.budget and rec.budget != "full":     # never mistake a quick number for a full one
+        text += f" [{rec.budget}]"
     return f"{text} [{rec.source}]" if source and rec.source else text
 
 
@@ -274,10 +277,11 @@ def sheets(trials: pd.DataFrame, source: bool = False) -> list[Sheet]:
 def long_sheet(trials: pd.DataFrame) -> Sheet:
     """All cells in one Sheet, one line per trial (for a pipe: grep/cut/awk), percentages."""
     s = fold_repeats(trials)
-    sheet = Sheet(["table", "row", "column", "trial", "n", "ours", "std", "report", "diff", "status", "source"])
+    sheet = Sheet(["table", "row", "column", "trial", "n", "ours", "std", "report", "diff", "status", "source",
+                   "budget"])
     sheet.rows = [[r.table, r.row, r.column, r.name, str(r.n), _pct(r.ours_mean, 2), _pct(r.ours_std, 2),
                    _pct(r.report_acc, 0), MISSING if pd.isna(r.diff) else f"{r.diff * 100:+.2f}", r.status,
-                   r.source] for r in s.itertuples(index=False)]
+                   r.source, r.budget] for r in s.itertuples(index=False)]
     return sheet
 
 

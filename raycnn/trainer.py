@@ -67,6 +67,7 @@ class TrainConfig:
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     num_threads: int = 0                 # torch CPU threads; 0 = leave as is
     compile: bool = False                # torch.compile the model
+    budget: str = "full"                 # full = the suite's; quick (`--quick`) or reduced (--epochs/--max-train-samples)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -47,9 +47,9 @@ def suite_file(tmp_path_factory):
     return path
 
 
-def raycnn(*args, cwd=None):
+def raycnn(*args, cwd=None, env=None):
     """The console script in a subprocess, as a user runs it."""
-    env = dict(os.environ, RAY_AIR_NEW_OUTPUT="0", COLUMNS="200")
+    env = dict(os.environ, RAY_AIR_NEW_OUTPUT="0", COLUMNS="200", **(env or {}))
     return subprocess.run([sys.executable, "-m", "raycnn.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 
@@ -94,9 +94,9 @@ def test_list_on_a_terminal_never_truncates_names(width, capsys, monkeypatch):
 def test_table_on_a_pipe_is_tab_separated(tmp_path):
     out = raycnn("table", RESULTS / "mnist-all-1ep")
     lines = out.stdout.splitlines()
-    assert out.returncode == 0 and lines[0] == "table\trow\tcolumn\ttrial\tn\tours\tstd\treport\tdiff\tstatus\tsource"
+    assert out.returncode == 0 and lines[0] == "table\trow\tcolumn\ttrial\tn\tours\tstd\treport\tdiff\tstatus\tsource\tbudget"
     rows = [line.split("\t") for line in lines[1:]]
-    assert len(rows) == 40 and {len(r) for r in rows} == {11}
+    assert len(rows) == 40 and {len(r) for r in rows} == {12}
     [adamw] = [r for r in rows if r[3] == "mnist/base/adamw/lr0.01"]
     assert adamw[5:10] == ["96.54", "—", "11", "+85.54", "ok"] and adamw[10] == "mnist-all-1ep"
 
@@ -205,3 +205,28 @@ def test_gpus_per_trial_larger_than_any_node(tmp_path, suite_file):
                  "--gpus-per-trial", "2")
     assert out.returncode == 2 and "more than any node has" in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_quick_run_of_all_without_imagenet_weights(tmp_path):
+    """`raycnn run all --quick` end to end (a few cells of each suite, synthetic data): the budget
+    lands in every row and in the tables, and the pretrained cells are skipped, not refused."""
+    env = {"TORCH_HOME": str(tmp_path / "no-weights")}                   # no cached ImageNet weights
+    out = raycnn("run", "all", "--quick", "--synthetic", "--filter", "mnist/base/sgd/lr0.01",
+                 "--filter", "cifar10/base/no-scheduler", "--filter", "pretrained/zero-shot",
+                 "--filter", "pretrained/frozen-backbone", "--results-dir", tmp_path, "--name", "q",
+                 "--num-cpus", "2", env=env)
+    assert out.returncode == cli.EXIT_SKIPPED, out.stderr[-3000:]
+    assert "2 pretrained trial(s) skipped: needs ImageNet weights (--weights FILE)" in out.stderr.splitlines()[0]
+    trials, _ = results.load_run(tmp_path / "q")
+    ran = trials[trials.suite != "pretrained"]
+    assert sorted(ran.name) == ["cifar10/base/no-scheduler", "mnist/base/sgd/lr0.01"]
+    assert set(trials.budget) == {"quick"} and set(ran.epochs) == {cli.QUICK["epochs"]}
+    assert set(ran.max_train_samples) == {cli.QUICK["max_train_samples"]} and set(ran.status) == {"ok"}
+    skipped = trials[trials.suite == "pretrained"]
+    assert len(skipped) == 2 and set(skipped.status) == {"skipped: needs ImageNet weights (--weights FILE)"}
+    md = raycnn("table", tmp_path / "q", "--format", "markdown").stdout
+    assert "— (15) skipped: needs ImageNet weights (--weights FILE) [quick]" in md
+    assert md.count("[quick]") == 4 and "### 3.1 MNIST, lr = 0.01" in md
+    # Nothing but pretrained trials and no weights: nothing to run, refused in one line.
+    none = raycnn("run", "pretrained", "--quick", "--synthetic", "--results-dir", tmp_path, env=env)
+    assert none.returncode == 2 and "--weights FILE" in none.stderr and len(none.stderr.splitlines()) == 1
