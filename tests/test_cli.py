@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycnn import cli, results
+from raycnn import cli, results, tables
 
 TINY = """
 [suite]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raycnn import results
+from raycnn import plots, results, tables
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -57,7 +57,7 @@ def test_published_tables_match_parquet(run):
     readme = (RESULTS / "README.md").read_text()
     section = readme.split(f"## {run.name}:", 1)[1].split("\n## ", 1)[0]
     trials, _ = results.load_run(run)
-    rendered = _grids(results.render(trials, "markdown"))
+    rendered = _grids(tables.render(trials, "markdown"))
     assert rendered
     for grid in rendered:
         assert grid in section, f"{run.name}: table not published as rendered:\n{grid}"
