@@ -95,9 +95,13 @@ def select(args) -> list[suites.Trial]:
 
 
 def _imagenet_cached() -> bool:
+    """Whether torchvision has the ImageNet resnet18 weights (cached, or downloadable now)."""
+    import contextlib
+    import io
     import torchvision
-    try:
-        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    try:   # quietly: a failed download attempt is not the user's news, the skip line is
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception:
         return False
     return True

@@ -61,3 +61,23 @@ def test_published_tables_match_parquet(run):
     assert rendered
     for grid in rendered:
         assert grid in section, f"{run.name}: table not published as rendered:\n{grid}"
+
+
+README = RESULTS.parent / "README.md"
+HEADLINE_COMMANDS = re.findall(r"(?m)^    (raycnn table results/.* --format markdown.*)$", README.read_text())
+
+
+def test_readme_headline_tables_are_generated():
+    assert len(HEADLINE_COMMANDS) >= 2, "README.md's headline tables lost their raycnn table commands"
+
+
+@pytest.mark.parametrize("command", HEADLINE_COMMANDS)
+def test_readme_headline_tables_match_their_command(command, capsys):
+    from raycnn import cli
+    root = RESULTS.parent
+    argv = [str(root / a) if a.startswith("results/") else a for a in command.split()[1:]]
+    assert cli.main(argv) == 0
+    # The README puts the report's tables one heading level down; the grids are verbatim.
+    after = README.read_text().split(command, 1)[1]
+    for grid in _grids(capsys.readouterr().out):
+        assert grid in after.split("\n    raycnn ", 1)[0], f"README.md: not as `{command}` renders it:\n{grid}"
