@@ -217,7 +217,7 @@ def cmd_run(args) -> int:
     if skipped and outcome != "interrupted":
         add_skipped(run_dir, skipped, args.repeats)
     if (run_dir / results.TRIALS_FILE).exists():
-        screen.emit(console, tables.sheets(results.load_run(run_dir)[0]))
+        show(results.load_run(run_dir)[0])
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}",
@@ -236,14 +236,18 @@ def load_runs(run_dirs: list[str]) -> "pd.DataFrame":
     return tables.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
 
 
+def show(trials, source: bool = False) -> None:
+    """The report's tables on a terminal; on a pipe one tab-separated line per trial instead,
+    since a grid's columns differ from table to table and grep/cut want one shape."""
+    screen.emit(console, tables.sheets(trials, source) if console.is_terminal else [tables.long_sheet(trials)])
+
+
 def cmd_table(args) -> int:
     """`raycnn table RUN [RUN ...]`: the runs' cells beside the report's, laid out as the report.
     A trial in several runs: the same config pools its repeats, another config takes the later run."""
     trials = load_runs(args.run_dirs)
     if args.format == "rich":
-        # On a pipe: one tab-separated line per trial, whatever the grid looks like.
-        screen.emit(console, tables.sheets(trials, args.source) if console.is_terminal
-                    else [tables.long_sheet(trials)])
+        show(trials, args.source)
     else:
         sys.stdout.write(tables.render(trials, args.format, args.source))
     return 0
