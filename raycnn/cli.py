@@ -31,7 +31,7 @@ def cmd_list(args) -> int:
     paths = suites.resolve(args.suite or "all")
     loaded = [suites.load(p) for p in paths]
     if args.suite is None:
-        sheet = screen.Sheet(["suite", "trials", "description"], title="raycnn suites", drop=("description",))
+        sheet = screen.Sheet(["suite", "trials", "description"], title="raycnn suites")
         sheet.rows = [[s.name, str(len(s.trials)), s.description] for s in loaded]
     else:
         sheet = screen.Sheet(["trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune",
