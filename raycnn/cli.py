@@ -1,4 +1,4 @@
-"""The `raycnn` command: list suites, run them under Ray Tune, print tables, draw plots.
+"""The `raycnn` command: list suites, run them under Ray Tune, print and compare tables, draw plots.
 
 Every user error ends in one line on stderr and exit code 2; Ray is imported only by `run`.
 """
