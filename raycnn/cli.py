@@ -1,4 +1,4 @@
-"""The `raycnn` command: list suites, run them under Ray Tune, print tables, draw plots.
+"""The `raycnn` command: list suites, run them under Ray Tune, print and compare tables, draw plots.
 
 Every user error ends in one line on stderr and exit code 2; Ray is imported only by `run`.
 """
@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.live import Live
-from rich.table import Table
 
-from raycnn import results, suites
+from raycnn import plots, results, screen, suites, tables
 from raycnn.errors import EXIT, UserError
+from raycnn.live import LiveView
 from raycnn.data import DataError
 from raycnn.trainer import ConfigError
 
@@ -33,24 +32,44 @@ def cmd_list(args) -> int:
     paths = suites.resolve(args.suite or "all")
     loaded = [suites.load(p) for p in paths]
     if args.suite is None:
-        table = Table("suite", "trials", "description", title="raycnn suites")
-        for s in loaded:
-            table.add_row(s.name, str(len(s.trials)), s.description)
+        sheet = screen.Sheet(["suite", "trials", "description"], title="raycnn suites")
+        sheet.rows = [[s.name, str(len(s.trials)), s.description] for s in loaded]
     else:
-        table = Table("trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune", "report",
-                      title=f"{args.suite}")
-        for s in loaded:
-            for t in s.trials:
-                c = t.config
-                opt = c.optimizer + (f" m={c.momentum:g}" if c.momentum else "") + (f" wd={c.weight_decay:g}" if c.weight_decay else "")
-                table.add_row(t.name, c.model, opt, f"{c.lr:g}", str(c.epochs), "+".join(c.augment) or "-",
-                              c.scheduler, c.finetune, "-" if math.isnan(t.report_acc) else f"{100 * t.report_acc:.0f}%")
-    console.print(table)
-    console.print(f"{sum(len(s.trials) for s in loaded)} trials in {len(loaded)} suite(s)")
+        sheet = screen.Sheet(["trial", "model", "optimizer", "lr", "epochs", "augment", "scheduler", "finetune",
+                              "report"], title=args.suite, drop=LIST_DROP)
+        sheet.rows = [_trial_cells(t) for s in loaded for t in s.trials]
+    screen.emit(console, [sheet])
+    # On a pipe stdout carries the table lines only; the count goes beside them.
+    (console if console.is_terminal else err_console).print(
+        f"{sum(len(s.trials) for s in loaded)} trials in {len(loaded)} suite(s)")
     return 0
 
 
+# Least useful first: what goes when a terminal is too narrow for the whole trial list.
+LIST_DROP = ("scheduler", "augment", "finetune", "epochs", "model", "lr", "optimizer")
+
+
+def _trial_cells(t: suites.Trial) -> list[str]:
+    c = t.config
+    opt = c.optimizer + (f" m={c.momentum:g}" if c.momentum else "") + (f" wd={c.weight_decay:g}" if c.weight_decay else "")
+    return [t.name, c.model, opt, f"{c.lr:g}", str(c.epochs), "+".join(c.augment) or "-", c.scheduler, c.finetune,
+            "-" if math.isnan(t.report_acc) else f"{100 * t.report_acc:.0f}%"]
+
+
 # ---------------------------------------------------------------- run
+
+# `--quick`: every cell of the grid in minutes on a 2-core CPU (measured: see the README).
+QUICK = {"epochs": 1, "max_train_samples": 5000}
+# What a cell without ImageNet weights says in the tables (such a run exits EXIT["skipped"]).
+NEEDS_WEIGHTS = "needs ImageNet weights (--weights FILE)"
+
+
+def _budget(args) -> str:
+    """The training budget recorded in every row: the suite's own, --quick, or reduced by hand."""
+    if args.quick:
+        return "quick"
+    return "reduced" if args.epochs or args.max_train_samples else "full"
+
 
 def select(args) -> list[suites.Trial]:
     """The suite's trials after --filter and the command-line overrides."""
@@ -59,9 +78,11 @@ def select(args) -> list[suites.Trial]:
         trials = [t for t in trials if any(fnmatch.fnmatch(t.name, f) for f in args.filter)]
         if not trials:
             raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
-    overrides = {"epochs": args.epochs, "max_train_samples": args.max_train_samples, "precision": args.precision,
-                 "seed": args.seed, "synthetic": True if args.synthetic else None,
-                 "checkpoint_every": args.checkpoint_every,
+    quick = QUICK if args.quick else {}
+    overrides = {"epochs": args.epochs or quick.get("epochs"),
+                 "max_train_samples": args.max_train_samples or quick.get("max_train_samples"),
+                 "precision": args.precision, "seed": args.seed, "synthetic": True if args.synthetic else None,
+                 "budget": _budget(args), "checkpoint_every": args.checkpoint_every,
                  # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
                  "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -72,21 +93,48 @@ def select(args) -> list[suites.Trial]:
     return out
 
 
-def check_weights(trials: list[suites.Trial]) -> None:
-    """Pretrained trials need ImageNet weights: a --weights file, or torchvision's cached download."""
-    need = [t for t in trials if t.config.pretrained and not t.config.weights]
+def _imagenet_cached() -> bool:
+    """Whether torchvision has the ImageNet resnet18 weights (cached, or downloadable now)."""
+    import contextlib
+    import io
+    import torchvision
+    try:   # quietly: a failed download attempt is not the user's news, the skip line is
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception:
+        return False
+    return True
+
+
+def split_weights(trials: list[suites.Trial]) -> tuple[list[suites.Trial], list[suites.Trial]]:
+    """(trials to run, pretrained trials skipped for want of ImageNet weights: no --weights file
+    and none in torchvision's cache). Refuses a run where nothing is left to run."""
     for t in trials:
         if t.config.weights and not Path(t.config.weights).is_file():
             raise suites.SuiteError(f"--weights {t.config.weights}: no such file")
-    if not need:
-        return
-    import torch, torchvision
-    try:
-        torchvision.models.ResNet18_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-    except Exception:
+    need = [t for t in trials if t.config.pretrained and not t.config.weights]
+    if not need or _imagenet_cached():
+        return trials, []
+    if len(need) == len(trials):
+        import torch
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise suites.SuiteError(f"ImageNet weights for resnet18 are not in {cache} and cannot be downloaded: "
-                                f"pass --weights FILE (a resnet18 state dict)") from None
+                                f"pass --weights FILE (a resnet18 state dict)")
+    return [t for t in trials if t not in need], need
+
+
+def add_skipped(run_dir: Path, skipped: list[suites.Trial], repeats: int) -> None:
+    """Rows for the trials that were not run, so the tables show why their cells are empty."""
+    import dataclasses
+    import pandas as pd
+    rows = [{"name": t.name, "suite": t.suite, "table": t.table, "row": t.row, "column": t.column,
+             "order": t.order, "report_acc": t.report_acc, "repeat": r, **dataclasses.asdict(t.config),
+             "status": f"skipped: {NEEDS_WEIGHTS}", "final_test_acc": math.nan, "best_test_acc": math.nan}
+            for t in skipped for r in range(repeats)]
+    path = run_dir / results.TRIALS_FILE
+    done = results.load_run(run_dir)[0] if path.exists() else pd.DataFrame()
+    done = done[~done["name"].isin({t.name for t in skipped})] if len(done) else done
+    results.write_parquet(pd.concat([done, pd.DataFrame(rows)], ignore_index=True), path)
 
 
 def prepare_run_dir(args) -> tuple[Path, list[Path]]:
@@ -142,10 +190,12 @@ def cmd_run(args) -> int:
     Everything that can be checked without Ray is checked before Ray is imported. A run that
     cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
     command that resumes it and exits with EXIT["interrupted"]."""
-    trials = select(args)
-    check_weights(trials)
+    trials, skipped = split_weights(select(args))
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, created = prepare_run_dir(args)
+    if skipped:
+        err_console.print(f"raycnn: {len(skipped)} pretrained trial(s) skipped: {NEEDS_WEIGHTS}; the rest runs",
+                          markup=False, highlight=False, soft_wrap=True)
     raytune = None
     try:
         from raycnn import tune as raytune     # Ray is imported here only
@@ -163,126 +213,62 @@ def cmd_run(args) -> int:
     except BaseException:
         discard(created)                         # e.g. Ray did not start: no half-made run left
         raise
-    trials_df, _ = results.load_run(run_dir) if (run_dir / "trials.parquet").exists() else (None, None)
-    if trials_df is not None:
-        for table in results.rich_tables(trials_df):
-            console.print(table)
+    if skipped and outcome != "interrupted":
+        add_skipped(run_dir, skipped, args.repeats)
+    if (run_dir / results.TRIALS_FILE).exists():
+        show(results.load_run(run_dir)[0])
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
-                "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
+                "interrupted": f"interrupted; resume with: {resume_command(args.name)}",
+                "skipped": f"done except {len(skipped)} skipped trial(s) ({NEEDS_WEIGHTS}): results in {run_dir}"}
+    if outcome == "ok" and skipped:
+        outcome = "skipped"
     # One unwrapped line: the resume command must survive copy and paste.
     err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
     return EXIT[outcome]
 
 
-class LiveView:
-    """The console view of a run: one row per running or recent trial, with epoch, accuracy,
-    images/s and ETA. On a terminal it redraws in place; elsewhere it prints a line per trial end."""
-
-    ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
-
-    def __init__(self, console: Console, max_rows: int = 24, header: str = ""):
-        self.console, self.max_rows, self.rows, self.live, self.header = console, max_rows, {}, None, header
-
-    def warn(self, message: str) -> None:
-        """A line the user must see (above the live table on a terminal)."""
-        self.console.print(f"raycnn: warning: {message}", markup=False, highlight=False, soft_wrap=True)
-
-    def restarting(self, meta: dict, info: dict) -> None:
-        """Tune restarts a failed trial from its last checkpoint."""
-        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); restarting it from its last checkpoint")
-
-    def failed(self, meta: dict, info: dict) -> None:
-        """A trial failed for good (no restarts left)."""
-        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); traceback in {info.get('log') or 'its error.txt'}")
-
-    @staticmethod
-    def _name(meta: dict) -> str:
-        return meta["name"] + (f" #{meta['repeat']}" if meta["repeat"] else "")
-
-    def start(self, params: list[dict]) -> None:
-        if self.header:       # printed once the run really starts: errors before it stay one line
-            self.console.print(self.header, markup=False, highlight=False, soft_wrap=True)
-        self.started = time.time()
-        self.concurrency = 1
-        self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
-                                                "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0,
-                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan}
-                     for p in params}
-        if self.console.is_terminal:
-            # Live(self): each refresh calls __rich__, so elapsed time and ETA tick between epochs.
-            self.live = Live(self, console=self.console, refresh_per_second=2)
-            self.live.start()
-
-    def update(self, meta: dict, result: dict) -> None:
-        row = self.rows.get((meta["name"], meta["repeat"]))
-        if row is None:
-            return
-        if result.get("warning"):
-            self.warn(f"{row['name']}: {result['warning']}")
-        status = result.get("status", row["status"])
-        row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
-                   ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
-        if self.live is None and status != "running":
-            self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
-                               f"test acc {100 * row['acc']:.2f}%")
-
-    def eta(self) -> float:
-        """Seconds left: the running trials' remaining epochs plus the pending trials at the mean
-        trial time seen so far, spread over the trials running at once."""
-        rows = list(self.rows.values())
-        running = [r for r in rows if r["status"] == "running"]
-        self.concurrency = max(self.concurrency, len(running))
-        per_epoch = [r["epoch_s"] for r in rows if math.isfinite(r["epoch_s"])]
-        if not per_epoch:
-            return math.nan
-        mean = sum(per_epoch) / len(per_epoch)
-        left = sum((r["epochs"] - r["epoch"]) * (r["epoch_s"] if math.isfinite(r["epoch_s"]) else mean)
-                   for r in rows if r["status"] in ("running", "pending"))
-        return left / self.concurrency
-
-    def render(self) -> Table:
-        counts = {}
-        for r in self.rows.values():
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        eta = self.eta()
-        title = " ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
-            f"  elapsed {time.time() - self.started:.0f}s" + (f"  ETA {eta:.0f}s" if math.isfinite(eta) else "")
-        table = Table("trial", "status", "epoch", "test acc", "img/s", "ETA", title=title)
-        shown = sorted(self.rows.values(), key=lambda r: self.ORDER.get(r["status"], 5))[:self.max_rows]
-        for r in shown:
-            left = (r["epochs"] - r["epoch"]) * r["epoch_s"] if r["status"] == "running" else math.nan
-            table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}",
-                          "" if math.isnan(r["acc"]) else f"{100 * r['acc']:.2f}%",
-                          "" if math.isnan(r["ips"]) else f"{r['ips']:.0f}",
-                          "" if math.isnan(left) else f"{left:.0f}s")
-        return table
-
-    def __rich__(self) -> Table:
-        return self.render()
-
-    def stop(self) -> None:
-        if self.live is not None:
-            self.live.refresh()
-            self.live.stop()
-
-
 # ---------------------------------------------------------------- table, plot
 
+def load_runs(run_dirs: list[str]) -> "pd.DataFrame":
+    """The trial rows of the given run folders, laid together by `tables.combine`'s rule."""
+    return tables.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
+
+
+def show(trials, source: bool = False) -> None:
+    """The report's tables on a terminal; on a pipe one tab-separated line per trial instead,
+    since a grid's columns differ from table to table and grep/cut want one shape."""
+    screen.emit(console, tables.sheets(trials, source) if console.is_terminal else [tables.long_sheet(trials)])
+
+
 def cmd_table(args) -> int:
-    """`raycnn table RUN_DIR`: the run's cells beside the report's, laid out as the report."""
-    trials, _ = results.load_run(args.run_dir)
+    """`raycnn table RUN [RUN ...]`: the runs' cells beside the report's, laid out as the report.
+    A trial in several runs: the same config pools its repeats, another config takes the later run."""
+    trials = load_runs(args.run_dirs)
     if args.format == "rich":
-        for table in results.rich_tables(trials):
-            console.print(table)
+        show(trials, args.source)
     else:
-        sys.stdout.write(results.render(trials, args.format))
+        sys.stdout.write(tables.render(trials, args.format, args.source))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """`raycnn compare RUN_A RUN_B`: per trial in both, A, B and B - A."""
+    a, b = (load_runs([d]) for d in (args.run_a, args.run_b))
+    diffs = tables.compare(a, b)
+    if diffs.empty:
+        raise results.ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
+    if args.format == "rich":
+        screen.emit(console, [tables.compare_sheet(diffs, Path(args.run_a).name, Path(args.run_b).name)])
+    else:
+        sys.stdout.write(diffs.to_csv(index=False) if args.format == "csv"
+                         else diffs.to_json(orient="records", indent=1) + "\n")
     return 0
 
 
 def cmd_plot(args) -> int:
     """`raycnn plot RUN_DIR`: the report's kind of figures, one PNG per table."""
-    for path in results.plot(args.run_dir, args.out):
+    for path in plots.plot(args.run_dir, args.out):
         console.print(str(path))
     return 0
 
@@ -299,10 +285,14 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a suite under Ray Tune")
     r.add_argument("suite", help="mnist | cifar10 | pretrained | all | a suite .toml file")
     r.add_argument("--filter", action="append", help="glob on trial names (repeatable), e.g. 'cifar10/base*'")
+    r.add_argument("--quick", action="store_true",
+                   help=f"every cell at a quick budget: {QUICK['epochs']} epoch on the first "
+                        f"{QUICK['max_train_samples']:,} training images (rows say budget=quick)")
     r.add_argument("--epochs", type=int, help="override every trial's epochs")
     r.add_argument("--max-train-samples", type=int, help="train on the first N images")
     r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
-    r.add_argument("--results-dir", default="results", help="where run folders go (default: results/)")
+    # Not results/: that folder holds the published runs; runs/ is git-ignored.
+    r.add_argument("--results-dir", default="runs", help="where run folders go (default: runs/)")
     r.add_argument("--name", help="run folder name (default: SUITE-DATE-TIME)")
     r.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
     r.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the suite's)")
@@ -321,10 +311,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
 
-    t = sub.add_parser("table", help="print a run's results beside the report's")
-    t.add_argument("run_dir")
-    t.add_argument("--format", choices=["rich", "markdown", "csv"], default="rich")
+    t = sub.add_parser("table", help="print runs' results beside the report's",
+                       description="Several runs: a trial with the same config in several runs pools its "
+                                   "repeats (mean ± std; a seed in two runs counts once, from the later run); "
+                                   "with a different config the later run (on the command line) wins.")
+    t.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), e.g. results/mnist-all-1ep")
+    t.add_argument("--format", choices=["rich", *tables.RENDERERS], default="rich",
+                   help="rich: tables on a terminal, tab-separated lines on a pipe")
+    t.add_argument("--source", action="store_true", help="show the run each cell came from")
     t.set_defaults(func=cmd_table)
+
+    c = sub.add_parser("compare", help="two runs side by side: per trial A, B and B - A")
+    c.add_argument("run_a", metavar="RUN_A")
+    c.add_argument("run_b", metavar="RUN_B")
+    c.add_argument("--format", choices=["rich", "csv", "json"], default="rich")
+    c.set_defaults(func=cmd_compare)
 
     pl = sub.add_parser("plot", help="accuracy and loss curves per report table, as PNG")
     pl.add_argument("run_dir")

@@ -2,9 +2,9 @@
 the CLI can catch them without importing Ray."""
 from __future__ import annotations
 
-# What `raycnn run` exits with: a finished run, one with failed trials, bad input, an interrupted
-# (resumable) run.
-EXIT = {"ok": 0, "errors": 3, "usage": 2, "interrupted": 130}
+# What `raycnn run` exits with: a finished run, one with failed trials, bad input, a run complete
+# except the cells it skipped (pretrained without ImageNet weights), an interrupted (resumable) run.
+EXIT = {"ok": 0, "errors": 3, "usage": 2, "skipped": 4, "interrupted": 130}
 
 
 class UserError(Exception):

@@ -1,4 +1,4 @@
-"""Suites: the report's grid as data, read from TOML files (the bundled ones live in benchmarks/).
+"""Suites: the report's grid as data, read from TOML files (the bundled ones ship in raycnn/bundled/).
 
 A suite file has four parts, all optional but one source of trials:
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from raycnn.trainer import ConfigError, TrainConfig
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BUNDLED = Path(__file__).resolve().parent / "bundled"    # package data: found after any install
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 SUITE_KEYS = {"name", "description", "cpus_per_trial", "gpus_per_trial", "table"}
 TRIAL_META = {"name", "table", "row", "column", "report", "gpus_per_trial"}
@@ -63,8 +63,8 @@ class Suite:
 
 
 def bundled() -> dict[str, Path]:
-    """The suites shipped in benchmarks/, by name."""
-    return {p.stem: p for p in sorted(BENCHMARKS.glob("*.toml"))}
+    """The suites shipped with the package, by name."""
+    return {p.stem: p for p in sorted(BUNDLED.glob("*.toml"))}
 
 
 def resolve(name_or_path: str) -> list[Path]:

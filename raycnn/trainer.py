@@ -73,6 +73,7 @@ class TrainConfig:
     num_threads: int = 0                 # torch CPU threads; 0 = leave as is
     compile: bool = False                # torch.compile the model
     checkpoint_every: int = 1            # checkpoint every N epochs (and the last); a crash loses < N epochs
+    budget: str = "full"                 # full = the suite's; quick (`--quick`) or reduced (--epochs/--max-train-samples)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycnn import cli, results
+from raycnn import cli, results, tables
 
 TINY = """
 [suite]
@@ -47,18 +47,86 @@ def suite_file(tmp_path_factory):
     return path
 
 
-def raycnn(*args, cwd=None):
+def raycnn(*args, cwd=None, env=None):
     """The console script in a subprocess, as a user runs it."""
-    env = dict(os.environ, RAY_AIR_NEW_OUTPUT="0", COLUMNS="200")
+    env = dict(os.environ, RAY_AIR_NEW_OUTPUT="0", COLUMNS="200", **(env or {}))
     return subprocess.run([sys.executable, "-m", "raycnn.cli", *map(str, args)], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=600)
 
 
 def test_list_counts_the_report():
     out = raycnn("list")
-    assert out.returncode == 0 and "59 trials in 3 suite(s)" in out.stdout
+    assert out.returncode == 0 and "59 trials in 3 suite(s)" in out.stderr
+    assert sum(int(line.split("\t")[1]) for line in out.stdout.splitlines()[1:]) == 59
     out = raycnn("list", "cifar10")
-    assert "cifar10/augment/jitter" in out.stdout and "11 trials in 1 suite(s)" in out.stdout
+    assert "cifar10/augment/jitter" in out.stdout and "11 trials in 1 suite(s)" in out.stderr
+
+
+def _names():
+    from raycnn import suites
+    return [t.name for p in suites.resolve("all") for t in suites.load(p).trials]
+
+
+def test_list_on_a_pipe_is_one_tab_separated_line_per_trial():
+    out = raycnn("list", "all")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and lines[0].split("\t")[:2] == ["trial", "model"]
+    rows = [line.split("\t") for line in lines[1:]]
+    assert [r[0] for r in rows] == _names() and len(rows) == 59
+    assert {len(r) for r in rows} == {len(rows[0])} == {len(lines[0].split("\t"))}
+    assert not any(ch in out.stdout for ch in "…┃│\x1b")
+    adam = [r[0] for r in rows if "adam" in "\t".join(r)]                     # `raycnn list | grep adam`
+    assert "mnist/base/adam/lr0.01" in adam
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_list_on_a_terminal_never_truncates_names(width, capsys, monkeypatch):
+    from rich.console import Console
+    monkeypatch.setattr(cli, "console", Console(force_terminal=True, width=width, color_system=None))
+    assert cli.main(["list", "all"]) == 0
+    out = capsys.readouterr().out
+    assert max(map(len, out.splitlines())) <= width and "…" not in out.split("\n", 3)[3]
+    for name in _names():
+        assert name in out, name
+    assert "report" in out                                                   # the report column stays
+
+
+def test_table_on_a_pipe_is_tab_separated(tmp_path):
+    out = raycnn("table", RESULTS / "mnist-all-1ep")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and lines[0] == "table\trow\tcolumn\ttrial\tn\tours\tstd\treport\tdiff\tstatus\tsource\tbudget"
+    rows = [line.split("\t") for line in lines[1:]]
+    assert len(rows) == 40 and {len(r) for r in rows} == {12}
+    [adamw] = [r for r in rows if r[3] == "mnist/base/adamw/lr0.01"]
+    assert adamw[5:10] == ["96.54", "—", "11", "+85.54", "ok"] and adamw[10] == "mnist-all-1ep"
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def test_table_over_several_runs_and_source():
+    runs = [RESULTS / "mnist-all-1ep", RESULTS / "mnist-base-lr0.001-10ep"]
+    out = raycnn("table", *runs, "--format", "csv")
+    back = pd.read_csv(__import__("io").StringIO(out.stdout)).set_index("name")
+    assert out.returncode == 0 and len(back) == 40
+    assert back.loc["mnist/base/sgd/lr0.001", "source"] == "mnist-base-lr0.001-10ep"    # 10 epochs beat 1
+    assert back.loc["mnist/base/sgd/lr0.01", "source"] == "mnist-all-1ep"
+    assert back.loc["mnist/base/sgd/lr0.001", "ours_mean"] == pytest.approx(0.949, abs=5e-4)
+    md = raycnn("table", *runs, "--format", "markdown", "--source").stdout
+    assert "| Base Model | 94.9 (93, +1.9) [mnist-base-lr0.001-10ep] |" in md
+    js = json.loads(raycnn("table", RESULTS / "cifar10-handbuilt-30ep", RESULTS / "cifar10-repeats-30ep",
+                           "--format", "json").stdout)
+    jitter = next(r for r in js if r["name"] == "cifar10/augment/jitter")
+    assert jitter["n"] == 3 and jitter["source"] == "cifar10-repeats-30ep"    # seed 0 rerun counts once
+
+
+def test_compare_two_runs():
+    out = raycnn("compare", RESULTS / "mnist-base-adamw-lr0.01-repeats-1ep", RESULTS / "mnist-base-adamw-lr0.01-10ep")
+    lines = out.stdout.splitlines()
+    assert out.returncode == 0 and lines[0].split("\t")[0] == "trial" and len(lines) == 2
+    assert lines[1].split("\t")[0] == "mnist/base/adamw/lr0.01" and "±" in lines[1]
+    none = raycnn("compare", RESULTS / "mnist-all-1ep", RESULTS / "cifar10-repeats-30ep")
+    assert none.returncode == 2 and "no trial in common" in none.stderr and len(none.stderr.splitlines()) == 1
 
 
 def test_run_filter_repeats_table_plot_resume(tmp_path, suite_file):
@@ -84,7 +152,7 @@ def test_run_filter_repeats_table_plot_resume(tmp_path, suite_file):
     assert all(0 <= a <= 1 for a in trials.final_test_acc)
 
     table = raycnn("table", run, "--format", "markdown")
-    assert table.returncode == 0 and "### Tiny table" in table.stdout and "(60)" in table.stdout and "±" in table.stdout
+    assert table.returncode == 0 and "### Tiny table" in table.stdout and "(60, " in table.stdout and "±" in table.stdout
     rich_out = raycnn("table", run)
     assert "Tiny table" in rich_out.stdout and "no scheduler" in rich_out.stdout
     csv = raycnn("table", run, "--format", "csv")
@@ -138,3 +206,28 @@ def test_gpus_per_trial_larger_than_any_node(tmp_path, suite_file):
                  "--gpus-per-trial", "2")
     assert out.returncode == 2 and "more than any node has" in out.stderr
     assert len(out.stderr.strip().splitlines()) <= 2
+
+
+def test_quick_run_of_all_without_imagenet_weights(tmp_path):
+    """`raycnn run all --quick` end to end (a few cells of each suite, synthetic data): the budget
+    lands in every row and in the tables, and the pretrained cells are skipped, not refused."""
+    env = {"TORCH_HOME": str(tmp_path / "no-weights")}                   # no cached ImageNet weights
+    out = raycnn("run", "all", "--quick", "--synthetic", "--filter", "mnist/base/sgd/lr0.01",
+                 "--filter", "cifar10/base/no-scheduler", "--filter", "pretrained/zero-shot",
+                 "--filter", "pretrained/frozen-backbone", "--results-dir", tmp_path, "--name", "q",
+                 "--num-cpus", "2", env=env)
+    assert out.returncode == EXIT["skipped"], out.stderr[-3000:]
+    assert "2 pretrained trial(s) skipped: needs ImageNet weights (--weights FILE)" in out.stderr.splitlines()[0]
+    trials, _ = results.load_run(tmp_path / "q")
+    ran = trials[trials.suite != "pretrained"]
+    assert sorted(ran.name) == ["cifar10/base/no-scheduler", "mnist/base/sgd/lr0.01"]
+    assert set(trials.budget) == {"quick"} and set(ran.epochs) == {cli.QUICK["epochs"]}
+    assert set(ran.max_train_samples) == {cli.QUICK["max_train_samples"]} and set(ran.status) == {"ok"}
+    skipped = trials[trials.suite == "pretrained"]
+    assert len(skipped) == 2 and set(skipped.status) == {"skipped: needs ImageNet weights (--weights FILE)"}
+    md = raycnn("table", tmp_path / "q", "--format", "markdown").stdout
+    assert "— (15) skipped: needs ImageNet weights (--weights FILE) [quick]" in md
+    assert md.count("[quick]") == 4 and "### 3.1 MNIST, lr = 0.01" in md
+    # Nothing but pretrained trials and no weights: nothing to run, refused in one line.
+    none = raycnn("run", "pretrained", "--quick", "--synthetic", "--results-dir", tmp_path, env=env)
+    assert none.returncode == 2 and "--weights FILE" in none.stderr and len(none.stderr.splitlines()) == 1

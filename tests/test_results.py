@@ -1,4 +1,5 @@
-"""raycnn.results: Parquet round trip, repeat summaries, report-shaped tables and plots."""
+"""raycnn.results, tables and plots: Parquet round trip, repeat folding, report-shaped tables, run
+combination and comparison, plots."""
 import io
 import math
 import os
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from raycnn import results
+from raycnn import plots, results, tables
 from raycnn.results import ResultsError
 
 MNIST, AUG, PRE = "3.1 MNIST, lr = 0.01", "4.2 Data Augmentation", "5.1 Without finetuning"
@@ -92,9 +93,9 @@ def test_write_parquet_is_atomic(tmp_path):
     assert pd.read_parquet(path)["x"].tolist() == [2]
 
 
-def test_summarize(run_dir):
-    s = results.summarize(results.load_run(run_dir)[0])
-    assert list(s.columns) == results.SUMMARY_COLUMNS
+def test_fold_repeats(run_dir):
+    s = tables.fold_repeats(results.load_run(run_dir)[0])
+    assert list(s.columns) == tables.SUMMARY_COLUMNS
     assert s["name"].tolist() == [_name(t[0], t[2], t[3]) for t in TRIALS]  # declared order
     by = s.set_index("row")
     base = s.iloc[0]
@@ -110,66 +111,110 @@ def test_summarize(run_dir):
     assert by.loc["Crop + Flip", "diff"] == pytest.approx(-0.26)
 
 
-def test_summarize_names_missing_columns():
+def test_fold_repeats_names_missing_columns():
     with pytest.raises(ResultsError, match="report_acc"):
-        results.summarize(make_frames()[0].drop(columns="report_acc"))
+        tables.fold_repeats(make_frames()[0].drop(columns="report_acc"))
 
 
 def test_markdown(run_dir):
-    md = results.render(results.load_run(run_dir)[0], "markdown")
+    md = tables.render(results.load_run(run_dir)[0], "markdown")
     lines = md.splitlines()
     headings = [line for line in lines if line.startswith("### ")]
     assert headings == [f"### {MNIST}", f"### {AUG}", f"### {PRE}"]
     assert "|  | SGD | SGD + momentum |" in lines
-    assert "| Base Model | 97.6 ± 0.3 (98) | 99.1 (99) |" in lines
-    assert "| 3 Dropout | 10.1 (11) diverged | — |" in lines
+    assert "| Base Model | 97.6 ± 0.3 (98, -0.4) | 99.1 (99, +0.1) |" in lines
+    assert "| 3 Dropout | 10.1 (11, -0.9) diverged | — |" in lines
     i = lines.index(f"### {AUG}")
-    assert lines[i + 2:i + 8] == ["|  | Accuracy (%) |", "|---|---|", "| Random Crop | 52.0 (53) |",
-                                  "| Flip | 70.0 (—) |", "| Color Jitter | 43.0 ± 0.0 (46) 1/2 diverged |",
-                                  "| Crop + Flip | 40.0 (66) |"]
+    assert lines[i + 2:i + 8] == ["|  | Accuracy (%) |", "|---|---|", "| Random Crop | 52.0 (53, -1.0) |",
+                                  "| Flip | 70.0 (—) |", "| Color Jitter | 43.0 ± 0.0 (46, -3.0) 1/2 diverged |",
+                                  "| Crop + Flip | 40.0 (66, -26.0) |"]
 
 
 def test_csv_parses_back(run_dir):
-    text = results.render(results.load_run(run_dir)[0], "csv")
+    text = tables.render(results.load_run(run_dir)[0], "csv")
     back = pd.read_csv(io.StringIO(text))
-    assert list(back.columns) == results.SUMMARY_COLUMNS and len(back) == len(TRIALS)
+    assert list(back.columns) == tables.SUMMARY_COLUMNS and len(back) == len(TRIALS)
     assert back.loc[0, "ours_mean"] == pytest.approx(0.976) and back.loc[0, "n"] == 3
     assert back["table"].tolist()[:3] == [MNIST] * 3 and back.loc[5, "status"] == "1/2 diverged"
 
 
 def test_unknown_format(run_dir):
-    with pytest.raises(ResultsError, match="markdown, csv"):
-        results.render(results.load_run(run_dir)[0], "html")
+    with pytest.raises(ResultsError, match="markdown, csv, json"):
+        tables.render(results.load_run(run_dir)[0], "html")
 
 
 def test_rich_tables(run_dir):
-    tables = results.rich_tables(results.load_run(run_dir)[0])
-    assert [t.title for t in tables] == [MNIST, AUG, PRE]
+    grids = tables.rich_tables(results.load_run(run_dir)[0])
+    assert [t.title for t in grids] == [MNIST, AUG, PRE]
     console = Console(record=True, width=200)
-    for t in tables:
+    for t in grids:
         console.print(t)
     text = console.export_text()
-    for cell in ("97.6 ± 0.3 (98)", "99.1 (99)", "10.1 (11) diverged", "—", "70.0 (—)", "10.0 (15)"):
+    for cell in ("97.6 ± 0.3 (98, -0.4)", "99.1 (99, +0.1)", "10.1 (11, -0.9) diverged", "—", "70.0 (—)",
+                 "10.0 (15, -5.0)"):
         assert cell in text
-    styles = {str(c): c.style for t in tables for col in t.columns[1:] for c in col.cells}
-    assert styles["97.6 ± 0.3 (98)"] == "green"
-    assert styles["10.1 (11) diverged"] == "green"           # diverged as the report did
-    assert styles["52.0 (53)"] == "green"                    # exactly 1 point below
-    assert styles["43.0 ± 0.0 (46) 1/2 diverged"] == "yellow"  # exactly 3 points below
-    assert styles["40.0 (66)"] == "red" and styles["10.0 (15)"] == "red"
+    styles = {str(c): c.style for t in grids for col in t.columns[1:] for c in col.cells}
+    assert styles["97.6 ± 0.3 (98, -0.4)"] == "green"
+    assert styles["10.1 (11, -0.9) diverged"] == "green"           # diverged as the report did
+    assert styles["52.0 (53, -1.0)"] == "green"                    # exactly 1 point below
+    assert styles["43.0 ± 0.0 (46, -3.0) 1/2 diverged"] == "yellow"  # exactly 3 points below
+    assert styles["40.0 (66, -26.0)"] == "red" and styles["10.0 (15, -5.0)"] == "red"
     assert styles["70.0 (—)"] == ""
+
+
+def test_colour_is_the_size_of_the_disagreement_either_way():
+    # Far above the report is as much a disagreement as far below (96.5 against the report's 11).
+    for points, style in ((0.5, "green"), (1.0, "green"), (2.0, "yellow"), (3.0, "yellow"), (85.5, "red")):
+        assert tables._style(points / 100) == style and tables._style(-points / 100) == style
+    trials = make_frames()[0]
+    trials.loc[trials.row == "Crop + Flip", "final_test_acc"] = 0.92                     # 26 points above
+    [cell] = [c for t in tables.rich_tables(trials) for col in t.columns[1:] for c in col.cells
+              if str(c).startswith("92.0")]
+    assert str(cell) == "92.0 (66, +26.0)" and cell.style == "red"
+
+
+def _rows(name, seeds, acc, epochs=1):
+    return pd.DataFrame([dict(name=name, suite="s", table="T", row="r", column="c", order=0, report_acc=0.5,
+                              status="ok", final_test_acc=acc + 0.01 * s, seed=s, epochs=epochs, lr=0.01,
+                              model="m", data_dir=f"/data{s}") for s in seeds])
+
+
+def test_combine_pools_same_config_and_later_run_wins_otherwise():
+    a = pd.concat([_rows("s/x", [0], 0.50), _rows("s/y", [0], 0.60), _rows("s/z", [0], 0.70)])
+    b = pd.concat([_rows("s/x", [0, 1, 2], 0.40), _rows("s/y", [1], 0.60), _rows("s/z", [0], 0.90, epochs=10)])
+    both = tables.combine([("A", a), ("B", b)])
+    got = {n: sorted(zip(g.source, g.seed)) for n, g in both.groupby("name")}
+    assert got["s/x"] == [("B", 0), ("B", 1), ("B", 2)]     # seed 0 rerun: counted once, from B
+    assert got["s/y"] == [("A", 0), ("B", 1)]               # same config, other seeds: pooled
+    assert got["s/z"] == [("B", 0)]                         # another config (10 epochs): B replaces A
+    folded = tables.fold_repeats(both).set_index("name")
+    assert folded.loc["s/y", "n"] == 2 and folded.loc["s/y", "source"] == "A, B"
+    assert folded.loc["s/y", "ours_mean"] == pytest.approx(0.605)
+    # The order on the command line decides: the other way round A's 1-epoch z wins.
+    assert tables.combine([("B", b), ("A", a)]).query("name == 's/z'").epochs.tolist() == [1]
+
+
+def test_compare_says_whether_the_difference_beats_the_spread():
+    a = pd.concat([_rows("s/x", [0, 1, 2], 0.50), _rows("s/y", [0, 1], 0.50), _rows("s/only-a", [0], 0.1)])
+    b = pd.concat([_rows("s/x", [0, 1, 2], 0.60), _rows("s/y", [0, 1], 0.51), _rows("s/z", [0], 0.7)])
+    d = tables.compare(a, b).set_index("name")
+    assert sorted(d.index) == ["s/x", "s/y"]
+    assert d.loc["s/x", "diff"] == pytest.approx(0.10) and d.loc["s/x", "beyond_spread"] is True
+    assert d.loc["s/y", "diff"] == pytest.approx(0.01) and d.loc["s/y", "beyond_spread"] is False
+    one = tables.compare(_rows("s/x", [0], 0.5), _rows("s/x", [0], 0.6))
+    assert one["beyond_spread"].tolist() == [None]
 
 
 def test_plot(run_dir, tmp_path, monkeypatch):
     seen = {}
-    original = results._plot_table
+    original = plots._plot_table
 
     def spy(title, curves, path):
         seen[title] = curves
         return original(title, curves, path)
 
-    monkeypatch.setattr(results, "_plot_table", spy)
-    paths = results.plot(run_dir)
+    monkeypatch.setattr(plots, "_plot_table", spy)
+    paths = plots.plot(run_dir)
     assert [p.name for p in paths] == ["3-1-mnist-lr-0-01.png", "4-2-data-augmentation.png"]
     assert sorted(os.listdir(run_dir / "plots")) == sorted(p.name for p in paths)  # no temp files
     for p in paths:
@@ -179,5 +224,5 @@ def test_plot(run_dir, tmp_path, monkeypatch):
     base = seen[MNIST][0][1]
     assert base.loc[2, "test_acc"] == pytest.approx(0.976 + 0.01)  # mean over the 3 repeats
     assert base.loc[1, "train_loss"] == pytest.approx(2.0)
-    other = results.plot(run_dir, tmp_path / "elsewhere")
+    other = plots.plot(run_dir, tmp_path / "elsewhere")
     assert [p.parent for p in other] == [tmp_path / "elsewhere"] * 2

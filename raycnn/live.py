@@ -1,0 +1,103 @@
+"""The console view of a running suite: one row per running or recent trial, with its epoch,
+test accuracy, images/s and ETA, redrawn in place on a terminal; elsewhere a line per trial end.
+`raycnn.tune` calls it (start, update, restarting, failed, warn, stop); it never imports Ray."""
+from __future__ import annotations
+
+import math
+import time
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+class LiveView:
+    """The console view of a run: one row per running or recent trial, with epoch, accuracy,
+    images/s and ETA. On a terminal it redraws in place; elsewhere it prints a line per trial end."""
+
+    ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
+
+    def __init__(self, console: Console, max_rows: int = 24, header: str = ""):
+        self.console, self.max_rows, self.rows, self.live, self.header = console, max_rows, {}, None, header
+
+    def warn(self, message: str) -> None:
+        """A line the user must see (above the live table on a terminal)."""
+        self.console.print(f"raycnn: warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+    def restarting(self, meta: dict, info: dict) -> None:
+        """Tune restarts a failed trial from its last checkpoint."""
+        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); restarting it from its last checkpoint")
+
+    def failed(self, meta: dict, info: dict) -> None:
+        """A trial failed for good (no restarts left)."""
+        self.warn(f"{self._name(meta)} failed ({info.get('error', '?')}); traceback in {info.get('log') or 'its error.txt'}")
+
+    @staticmethod
+    def _name(meta: dict) -> str:
+        return meta["name"] + (f" #{meta['repeat']}" if meta["repeat"] else "")
+
+    def start(self, params: list[dict]) -> None:
+        if self.header:       # printed once the run really starts: errors before it stay one line
+            self.console.print(self.header, markup=False, highlight=False, soft_wrap=True)
+        self.started = time.time()
+        self.concurrency = 1
+        self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
+                                                "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0,
+                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan}
+                     for p in params}
+        if self.console.is_terminal:
+            # Live(self): each refresh calls __rich__, so elapsed time and ETA tick between epochs.
+            self.live = Live(self, console=self.console, refresh_per_second=2)
+            self.live.start()
+
+    def update(self, meta: dict, result: dict) -> None:
+        row = self.rows.get((meta["name"], meta["repeat"]))
+        if row is None:
+            return
+        if result.get("warning"):
+            self.warn(f"{row['name']}: {result['warning']}")
+        status = result.get("status", row["status"])
+        row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
+                   ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
+        if self.live is None and status != "running":
+            self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
+                               f"test acc {100 * row['acc']:.2f}%")
+
+    def eta(self) -> float:
+        """Seconds left: the running trials' remaining epochs plus the pending trials at the mean
+        trial time seen so far, spread over the trials running at once."""
+        rows = list(self.rows.values())
+        running = [r for r in rows if r["status"] == "running"]
+        self.concurrency = max(self.concurrency, len(running))
+        per_epoch = [r["epoch_s"] for r in rows if math.isfinite(r["epoch_s"])]
+        if not per_epoch:
+            return math.nan
+        mean = sum(per_epoch) / len(per_epoch)
+        left = sum((r["epochs"] - r["epoch"]) * (r["epoch_s"] if math.isfinite(r["epoch_s"]) else mean)
+                   for r in rows if r["status"] in ("running", "pending"))
+        return left / self.concurrency
+
+    def render(self) -> Table:
+        counts = {}
+        for r in self.rows.values():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        eta = self.eta()
+        title = " ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
+            f"  elapsed {time.time() - self.started:.0f}s" + (f"  ETA {eta:.0f}s" if math.isfinite(eta) else "")
+        table = Table("trial", "status", "epoch", "test acc", "img/s", "ETA", title=title)
+        shown = sorted(self.rows.values(), key=lambda r: self.ORDER.get(r["status"], 5))[:self.max_rows]
+        for r in shown:
+            left = (r["epochs"] - r["epoch"]) * r["epoch_s"] if r["status"] == "running" else math.nan
+            table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}",
+                          "" if math.isnan(r["acc"]) else f"{100 * r['acc']:.2f}%",
+                          "" if math.isnan(r["ips"]) else f"{r['ips']:.0f}",
+                          "" if math.isnan(left) else f"{left:.0f}s")
+        return table
+
+    def __rich__(self) -> Table:
+        return self.render()
+
+    def stop(self) -> None:
+        if self.live is not None:
+            self.live.refresh()
+            self.live.stop()
