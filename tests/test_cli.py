@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from raycnn import cli, results, tables
+from raycnn.errors import EXIT
 
 TINY = """
 [suite]
