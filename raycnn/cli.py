@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from raycnn import plots, results, screen, suites, tables
+from raycnn import plots, report, results, screen, suites, tables
 from raycnn.live import LiveView
 from raycnn.data import DataError
 from raycnn.trainer import ConfigError
@@ -274,6 +274,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """`raycnn report RUN [RUN ...] -o FILE`: the tables, figures, provenance and gaps as one page."""
+    console.print(str(report.write(args.run_dirs, args.output, args.format)))
+    return 0
+
+
 # ---------------------------------------------------------------- arguments
 
 def parser() -> argparse.ArgumentParser:
@@ -325,6 +331,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("run_b", metavar="RUN_B")
     c.add_argument("--format", choices=["rich", "csv", "json"], default="rich")
     c.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="one page: the tables, figures and provenance of runs (HTML or Markdown)",
+                        description="Runs laid together as in `raycnn table`, with the report's figures, "
+                                    "where each cell came from, and the cells not run with the reason.")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), later runs win as in `raycnn table`")
+    rp.add_argument("-o", "--output", default="report.html", help="file to write (default: report.html)")
+    rp.add_argument("--format", choices=report.FORMATS, default="html",
+                    help="html: one self-contained file; markdown: FILE plus its PNGs in FILE_STEM_files/")
+    rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="accuracy and loss curves per report table, as PNG")
     pl.add_argument("run_dir")
