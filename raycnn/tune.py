@@ -19,8 +19,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray 2.60's ray.init() writes ~/.ray/auth_token, after which `ray start` turns token auth on and
 # local tools fail with AuthenticationError; a benchmark suite on a private network needs neither.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# Only the JSON logger is wanted (its result.json is where results are read from): the default
-# TensorBoard logger prints "NaN or Inf found" over the live view for NaN config values.
+# Only the JSON logger by default (its result.json is where results are read from); `--log
+# tensorboard` adds a TensorBoard logger that keeps NaN config values out (raycnn.ray_trackers).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import json
@@ -44,7 +44,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
 from raycnn import data as data_mod
-from raycnn import results
+from raycnn import ray_trackers, results
 from raycnn.suites import Trial
 from raycnn.trainer import TrainConfig, fit, load_arrays
 
@@ -69,6 +69,7 @@ class RunOptions:
     num_cpus: int | None = None         # private instance only: CPUs to declare (None: all)
     num_gpus: float | None = None       # private instance only: logical GPUs to declare (None: detect)
     live: bool = True
+    log: tuple = ()                     # --log trackers: (name, tracking URI or None) each
     extra: dict = field(default_factory=dict)
 
 
@@ -318,7 +319,8 @@ def run(trials: list[Trial], opts: RunOptions, view=None) -> str:
                 view.start(params)
             ACTIVE.update(run_dir=str(opts.run_dir), view=view)
             try:
-                tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], datasets).fit()
+                trackers = ray_trackers.callbacks(opts.log, opts.run_dir)
+                tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(), *trackers], datasets).fit()
             finally:
                 ACTIVE.clear()
                 if view is not None:
