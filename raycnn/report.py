@@ -181,6 +181,7 @@ td.none { color: #888; background: #fafafa; }
 figure { margin: 0 0 1em; } figure img { max-width: 100%; border: 1px solid #eee; }
 details { margin: .4em 0 1em; } summary { cursor: pointer; color: #0b57d0; }
 table.details td, table.details th, table.gaps td, table.gaps th { font-size: .85em; text-align: left; }
+table.gaps td:nth-child(3), table.gaps td:nth-child(4) { white-space: nowrap; }
 """
 
 

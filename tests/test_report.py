@@ -4,6 +4,7 @@ taken; the Markdown form and the committed results/report.md match what the comm
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,9 @@ def test_report_cli_writes_a_page_and_refuses_bad_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no results" in err
     assert out.read_text() == page                                # the earlier page survives
+
+
+def test_report_does_not_import_ray():
+    code = "import sys, raycnn.report, raycnn.cli; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
