@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from raycnn import plots, results, screen, suites, tables
+from raycnn import plots, report, results, screen, suites, tables
 from raycnn.errors import EXIT, UserError
 from raycnn.live import LiveView
 from raycnn.data import DataError
@@ -184,12 +184,37 @@ def resume_command(run_name: str) -> str:
     return shlex.join(["raycnn", *argv, "--name", run_name, "--resume"])
 
 
+# --log NAME[=URI]: the trackers raycnn.ray_trackers builds, and the package each one needs.
+TRACKERS = {"tensorboard": "tensorboardX", "mlflow": "mlflow"}
+TAKES_URI = {"mlflow"}
+
+
+def trackers(values: list[str]) -> tuple[tuple[str, str | None], ...]:
+    """--log values as (name, URI or None), checked before Ray starts: a known tracker, a URI
+    only where it takes one, its package installed."""
+    import importlib.util
+    out = []
+    for value in values:
+        name, _, uri = value.partition("=")
+        if name not in TRACKERS:
+            raise suites.SuiteError(f"--log {value}: unknown tracker; choose from {', '.join(TRACKERS)}")
+        if "=" in value and name not in TAKES_URI:
+            raise suites.SuiteError(f"--log {value}: only mlflow takes a tracking URI (--log mlflow=URI)")
+        if "=" in value and not uri:
+            raise suites.SuiteError(f"--log {value}: no tracking URI after '='")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise suites.SuiteError(f"--log {name} needs the {TRACKERS[name]} package: pip install 'raycnn[tracking]'")
+        out.append((name, uri or None))
+    return tuple(dict.fromkeys(out))
+
+
 def cmd_run(args) -> int:
     """`raycnn run SUITE|FILE ...`: every selected trial as a Tune trial; Parquet into the run folder.
 
     Everything that can be checked without Ray is checked before Ray is imported. A run that
     cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
     command that resumes it and exits with EXIT["interrupted"]."""
+    args.log = trackers(args.log or [])
     trials, skipped = split_weights(select(args))
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, created = prepare_run_dir(args)
@@ -202,7 +227,7 @@ def cmd_run(args) -> int:
         opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
                                   gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
                                   max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
-                                  num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+                                  num_cpus=args.num_cpus, num_gpus=args.num_gpus, log=args.log)
         view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
         outcome = raytune.run_trials(trials, opts, view=view)
     except KeyboardInterrupt:
@@ -273,6 +298,12 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """`raycnn report RUN [RUN ...] -o FILE`: the tables, figures, provenance and gaps as one page."""
+    console.print(str(report.write(args.run_dirs, args.output, args.format)))
+    return 0
+
+
 # ---------------------------------------------------------------- arguments
 
 def parser() -> argparse.ArgumentParser:
@@ -307,6 +338,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue the run named by --name")
     r.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs (default 1: a crash costs at "
                    "most the epoch in flight; larger N saves checkpoint time on big models)")
+    r.add_argument("--log", action="append", metavar="TRACKER",
+                   help="also log to tensorboard (event files in each trial's folder) or mlflow[=URI] "
+                        "(default: a local store, RUN/mlflow.db); repeatable")
     r.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
@@ -326,6 +360,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("run_b", metavar="RUN_B")
     c.add_argument("--format", choices=["rich", "csv", "json"], default="rich")
     c.set_defaults(func=cmd_compare)
+
+    rp = sub.add_parser("report", help="one page: the tables, figures and provenance of runs (HTML or Markdown)",
+                        description="Runs laid together as in `raycnn table`, with the report's figures, "
+                                    "where each cell came from, and the cells not run with the reason.")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), later runs win as in `raycnn table`")
+    rp.add_argument("-o", "--output", default="report.html", help="file to write (default: report.html)")
+    rp.add_argument("--format", choices=report.FORMATS, default="html",
+                    help="html: one self-contained file; markdown: FILE plus its PNGs in FILE_STEM_files/")
+    rp.set_defaults(func=cmd_report)
 
     pl = sub.add_parser("plot", help="accuracy and loss curves per report table, as PNG")
     pl.add_argument("run_dir")

@@ -19,8 +19,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray 2.60's ray.init() writes ~/.ray/auth_token, after which `ray start` turns token auth on and
 # local tools fail with AuthenticationError; a benchmark suite on a private network needs neither.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# Only the JSON logger is wanted (its result.json is where results are read from): the default
-# TensorBoard logger prints "NaN or Inf found" over the live view for NaN config values.
+# Only the JSON logger by default (its result.json is where results are read from); `--log
+# tensorboard` adds a TensorBoard logger that keeps NaN config values out (raycnn.ray_trackers).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import logging
@@ -42,6 +42,7 @@ from raycnn.errors import EXIT, NodeDied, RunError   # noqa: F401  (EXIT: the ou
 from raycnn.experiment import experiment_dir, summary, write_results
 from raycnn.lock import RunLock
 from raycnn.provenance import provenance
+from raycnn import ray_trackers
 from raycnn.suites import Trial
 from raycnn.trainer import TrainConfig, load_arrays
 from raycnn.trial import data_key, trainable, weights_key
@@ -61,6 +62,7 @@ class RunOptions:
     num_cpus: int | None = None         # private instance only: CPUs to declare (None: all)
     num_gpus: float | None = None       # private instance only: logical GPUs to declare (None: detect)
     live: bool = True
+    log: tuple = ()                     # --log trackers: (name, tracking URI or None) each
     extra: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)   # filled by run_trials: seconds per phase
 
@@ -289,7 +291,8 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
             ACTIVE.update(run_dir=str(opts.run_dir), view=view, raylet=None if opts.address else _raylet())
             try:
                 with phase(opts.timings, "tune"):
-                    tuner(params, opts, [JsonLoggerCallback(), ResultsCallback()], objects).fit()
+                    trackers = ray_trackers.callbacks(opts.log, opts.run_dir)
+                    tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(), *trackers], objects).fit()
             except Exception as e:
                 if _dead(ACTIVE.get("raylet")) and not isinstance(e, NodeDied):   # Tune may wrap it
                     raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)") from None

@@ -1,0 +1,281 @@
+"""The reproduction report as one page: `raycnn report RUN [RUN ...]`.
+
+Several runs laid together by `tables.combine`'s rule, then per report table: the grid of
+`tables.sheets` (ours beside the report's, coloured by |ours - report|), its figure from
+`plots.figure`, and per cell where the number came from (device, precision, epochs, seeds,
+wall time, images/s, versions, git revision). Every cell of the report's grid that these runs
+did not fill, or filled below the report's budget, is listed with the reason.
+
+HTML is one self-contained file (CSS inline, figures as base64 PNG, no script, nothing fetched);
+Markdown is a text file plus one PNG per figure beside it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from raycnn import plots, results, suites, tables
+from raycnn.results import atomic
+
+TITLE = "Reproduction of the CNN course report"
+NOT_RUN = "not run"
+DPI = 90     # 1080 x 675 pixels a figure: sharp in a 1180-pixel page, ~150 kB each
+# Why a grid cell is empty, first match wins: what a trial of the bundled grid needs that these
+# runs did not have. Checked on the suite's declared trial.
+NEEDS = ((lambda t: t.config.pretrained, "needs ImageNet weights (--weights FILE)"),
+         (lambda t: t.gpus_per_trial >= 0.5, "sized for a GPU (the suite gives it {gpus:g} GPU)"))
+# Cell colour (tables' rich style names) -> CSS class of the HTML page.
+STYLE_CLASS = {"green": "near", "yellow": "off", "red": "far", "dim": "none", "": "none"}
+# Provenance: column title -> how to show it for one trial's rows (its repeats).
+PROVENANCE = {
+    "run": lambda g: _joined(g["source"]),
+    "device": lambda g: _joined(g.get("device", pd.Series(dtype=object))),
+    "precision": lambda g: _joined(g.get("precision", pd.Series(dtype=object))),
+    "epochs": lambda g: _joined(g["epochs_done"].astype(int).astype(str)) if "epochs_done" in g else "",
+    "seeds": lambda g: ", ".join(str(int(s)) for s in sorted(g["seed"])) if "seed" in g else "",
+    "wall time": lambda g: _minutes(g["wall_seconds"].sum()) if "wall_seconds" in g else "",
+    "images/s": lambda g: f"{g['images_per_s'].mean():,.0f}" if "images_per_s" in g else "",
+    "torch": lambda g: _joined(g.get("torch_version", pd.Series(dtype=object))),
+    "ray": lambda g: _joined(g.get("ray_version", pd.Series(dtype=object))),
+    "python": lambda g: _joined(g.get("python_version", pd.Series(dtype=object))),
+    "git": lambda g: _joined(g.get("git_rev", pd.Series(dtype=object))),
+}
+
+
+def _joined(values: pd.Series) -> str:
+    return ", ".join(dict.fromkeys(str(v) for v in values.dropna() if str(v)))
+
+
+def _minutes(seconds: float) -> str:
+    return "" if pd.isna(seconds) else f"{seconds / 60:.1f} min"
+
+
+@dataclass
+class Report:
+    """What the page shows: the runs' trial rows laid together (with a row per grid cell not
+    run), their epoch rows, and per trial the reason it is missing or below budget."""
+    runs: list[str]
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    gaps: pd.DataFrame          # table, row, column, name, reason
+
+    @cached_property
+    def figures(self) -> list[tuple[str, str, bytes]]:
+        """(table, file-name slug, PNG bytes) per table with epoch rows, in table order."""
+        found = plots.table_curves(self.trials, self.epochs) if len(self.epochs) else []
+        out = []
+        for (table, curves), slug in zip(found, plots.slugs([t for t, _ in found])):
+            buf = io.BytesIO()
+            plots.figure(table, curves).savefig(buf, format="png", dpi=DPI)
+            out.append((table, slug, buf.getvalue()))
+        return out
+
+
+def _grid() -> dict[str, suites.Trial]:
+    return {t.name: t for p in suites.resolve("all") for t in suites.load(p).trials}
+
+
+def _budget(row, grid: dict[str, suites.Trial]) -> str:
+    """A run made before rows recorded their budget: "full" when it trained the suite's epochs
+    on every image, else "reduced"."""
+    declared = grid.get(row["name"])
+    if declared is None:
+        return ""
+    full = row["epochs"] == declared.config.epochs and not row.get("max_train_samples")
+    return "full" if full else "reduced"
+
+
+def _short_of(row, grid: dict[str, suites.Trial]) -> str:
+    """Why a trial row that ran is below the report's budget, or "" when it is not."""
+    declared = grid.get(row["name"])
+    if row["budget"] in ("", "full") or declared is None:
+        return ""
+    parts = [f"{int(row['epochs'])} of {declared.config.epochs} epochs"]
+    if row.get("max_train_samples"):
+        parts.append(f"the first {int(row['max_train_samples']):,} training images")
+    return f"{row['budget']} budget: " + ", ".join(parts)
+
+
+def collect(run_dirs: list[str]) -> Report:
+    """The runs laid together (later run wins, repeats of one config pool: `tables.combine`),
+    the bundled grid's cells they miss added as "not run" rows, and the reasons."""
+    loaded = [(Path(d).resolve().name, *results.load_run(d)) for d in run_dirs]
+    trials = tables.combine([(name, t) for name, t, _ in loaded])
+    grid = _grid()
+    if "budget" not in trials.columns:
+        trials["budget"] = ""
+    unknown = trials["budget"].isna() | (trials["budget"] == "")
+    trials.loc[unknown, "budget"] = [_budget(r, grid) for _, r in trials[unknown].iterrows()]
+    # Epoch rows of exactly the trial rows that survived combine (a replaced run's are dropped).
+    kept = set(zip(trials["source"], trials["name"], trials["repeat"]))
+    epochs = pd.concat([e.assign(source=name) for name, _, e in loaded], ignore_index=True)
+    epochs = epochs[[k in kept for k in zip(epochs["source"], epochs["name"], epochs["repeat"])]]
+    gaps = []
+    for _, r in trials.drop_duplicates("name").iterrows():
+        if str(r["status"]).startswith("skipped"):
+            gaps.append((r["name"], str(r["status"]).split(":", 1)[-1].strip()))
+        elif _short_of(r, grid):
+            gaps.append((r["name"], _short_of(r, grid)))
+    missing = [t for name, t in grid.items() if name not in set(trials["name"])]
+    for t in missing:
+        need = next((text.format(gpus=t.gpus_per_trial) for test, text in NEEDS if test(t)), "")
+        gaps.append((t.name, "not in these runs" + (f"; {need}" if need else "")))
+    placeholders = pd.DataFrame([{"name": t.name, "suite": t.suite, "table": t.table, "row": t.row,
+                                  "column": t.column, "order": t.order, "report_acc": t.report_acc,
+                                  "status": NOT_RUN, "final_test_acc": math.nan, "source": "", "budget": ""}
+                                 for t in missing])
+    trials = pd.concat([trials, placeholders], ignore_index=True) if missing else trials
+    where = trials.drop_duplicates("name").set_index("name")[["table", "row", "column"]]
+    gaps_df = pd.DataFrame(gaps, columns=["name", "reason"]).join(where, on="name")
+    # In the page's order: table by table, then as the suite declares the cells.
+    folded = tables.fold_repeats(trials)
+    rank = {t: i for i, t in enumerate(folded["table"].unique())}
+    order = {n: i for i, n in enumerate(folded["name"])}
+    gaps_df = (gaps_df.assign(_t=gaps_df["table"].map(rank), _n=gaps_df["name"].map(order))
+               .sort_values(["_t", "_n"]).reset_index(drop=True))
+    return Report([name for name, _, _ in loaded], trials, epochs,
+                  gaps_df[["table", "row", "column", "name", "reason"]])
+
+
+def provenance(report: Report) -> pd.DataFrame:
+    """One row per trial that ran: table, row, column, name and the PROVENANCE columns."""
+    ran = report.trials[report.trials["status"] != NOT_RUN]
+    rows = []
+    for name, g in ran.groupby("name", sort=False):
+        first = g.iloc[0]
+        rows.append({"table": first["table"], "row": first["row"], "column": first["column"], "name": name,
+                     **{k: f(g) for k, f in PROVENANCE.items()}})
+    return pd.DataFrame(rows, columns=["table", "row", "column", "name", *PROVENANCE])
+
+
+def _counts(report: Report) -> str:
+    """One line: how many of the grid's cells ran and how close they came."""
+    s = tables.fold_repeats(report.trials)
+    ran = s[s["status"] != NOT_RUN]
+    pts = (ran["diff"].abs() * 100).round(6)
+    return (f"{len(ran)} of {len(s)} cells run from {len(report.runs)} run(s): {int((pts <= 1).sum())} within "
+            f"1 point of the report, {int(((pts > 1) & (pts <= 3)).sum())} within 3, {int((pts > 3).sum())} "
+            f"further off; {len(report.gaps)} cell(s) not run or below the report's budget (listed at the end).")
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1180px; color: #1d1d1f; padding: 0 1em; }
+h1 { font-size: 1.7em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+.lead { color: #555; } code { background: #f3f3f3; padding: 0 .25em; border-radius: 3px; }
+table { border-collapse: collapse; margin: .6em 0 1em; }
+th, td { border: 1px solid #d8d8d8; padding: .35em .7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; } thead th { background: #f5f5f7; }
+td.near { background: #dff3e3; } td.off { background: #fff1c2; } td.far { background: #fbd5d5; }
+td.none { color: #888; background: #fafafa; }
+.key span { display: inline-block; padding: .1em .6em; margin-right: .4em; border: 1px solid #ccc; }
+.key .near { background: #dff3e3; } .key .off { background: #fff1c2; } .key .far { background: #fbd5d5; }
+figure { margin: 0 0 1em; } figure img { max-width: 100%; border: 1px solid #eee; }
+details { margin: .4em 0 1em; } summary { cursor: pointer; color: #0b57d0; }
+table.details td, table.details th, table.gaps td, table.gaps th { font-size: .85em; text-align: left; }
+table.gaps td:nth-child(3), table.gaps td:nth-child(4) { white-space: nowrap; }
+"""
+
+
+def _e(text) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _cell_title(info: pd.DataFrame, table: str, row: str, column: str) -> str:
+    hits = info[(info["table"] == table) & (info["row"] == row) & (info["column"] == column)]
+    return "\n".join(f"{r['name']}: " + "; ".join(f"{k} {r[k]}" for k in PROVENANCE if r[k])
+                     for _, r in hits.iterrows())
+
+
+def _html_grid(sheet, info: pd.DataFrame, gaps: pd.DataFrame) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in sheet.columns)
+    body = []
+    for cells in sheet.rows:
+        row = cells[0]
+        tds = [f"<th>{_e(row)}</th>"]
+        for column, (text, style) in zip(sheet.columns[1:], cells[1:]):
+            why = gaps[(gaps["table"] == sheet.title) & (gaps["row"] == row) & (gaps["column"] == column)]
+            title = _cell_title(info, sheet.title, row, column) or "; ".join(why["reason"])
+            tds.append(f'<td class="{STYLE_CLASS.get(style, "none")}" title="{_e(title)}">{_e(text)}</td>')
+        body.append("<tr>" + "".join(tds) + "</tr>")
+    return (f'<table class="report-table" data-table="{_e(sheet.title)}"><caption hidden>{_e(sheet.title)}'
+            f"</caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _html_rows(df: pd.DataFrame, cls: str) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in df.itertuples(index=False))
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def to_html(report: Report) -> str:
+    """The page: a summary line, per report table its grid, details and figure, then the gaps."""
+    info = provenance(report)
+    figures = {table: png for table, _, png in report.figures}
+    parts = [f"<h1>{_e(TITLE)}</h1>",
+             f'<p class="lead">Runs: {", ".join(f"<code>{_e(r)}</code>" for r in report.runs)}. {_e(_counts(report))}</p>',
+             f"<p>{_e(tables.LEGEND)} Hover over a cell for where it came from.</p>",
+             '<p class="key"><span class="near">within 1 point</span><span class="off">within 3 points</span>'
+             '<span class="far">further off</span> (either direction)</p>']
+    for sheet in tables.sheets(report.trials):
+        parts += [f"<h2>{_e(sheet.title)}</h2>", _html_grid(sheet, info, report.gaps)]
+        mine = info[info["table"] == sheet.title].drop(columns=["table"])
+        if len(mine):
+            parts.append(f"<details><summary>Provenance of the {len(mine)} cell(s) run</summary>"
+                         f"{_html_rows(mine, 'details')}</details>")
+        if sheet.title in figures:
+            data = base64.b64encode(figures[sheet.title]).decode()
+            parts.append(f'<figure class="report-figure" data-table="{_e(sheet.title)}">'
+                         f'<img alt="{_e(sheet.title)}: accuracy and loss per epoch" '
+                         f'src="data:image/png;base64,{data}"></figure>')
+    parts += ["<h2>Cells not run, or below the report's budget</h2>",
+              _html_rows(report.gaps, "gaps") if len(report.gaps) else "<p>None: every cell ran at the report's budget.</p>"]
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(TITLE)}</title>'
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+# ---------------------------------------------------------------- Markdown
+
+def _md_rows(df: pd.DataFrame) -> str:
+    cell = lambda v: str(v).replace("|", "\\|")
+    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)])
+
+
+def to_markdown(report: Report, figure_dir: Path, relative_to: Path) -> str:
+    """The page as Markdown: the tables as `tables.render` writes them, the figures as PNG files
+    written into figure_dir (linked relative to relative_to), provenance and gaps as tables."""
+    lines = [f"# {TITLE}", "", f"Runs: {', '.join(f'`{r}`' for r in report.runs)}. {_counts(report)}", "",
+             tables.render(report.trials, "markdown"), "## Figures", ""]
+    for table, slug, png in report.figures:
+        path = atomic(figure_dir / f"{slug}.png", lambda tmp: Path(tmp).write_bytes(png))
+        lines += [f"![{table}: accuracy and loss per epoch]({path.relative_to(relative_to).as_posix()})", ""]
+    lines += ["## Provenance", "", _md_rows(provenance(report).drop(columns=["table", "row", "column"])), "",
+              "## Cells not run, or below the report's budget", "",
+              _md_rows(report.gaps) if len(report.gaps) else "None.", ""]
+    return "\n".join(lines)
+
+
+FORMATS = ("html", "markdown")
+
+
+def write(run_dirs: list[str], out: str | Path, fmt: str = "html") -> Path:
+    """Build the report of the runs and write it to `out` atomically (Markdown: its PNGs go into
+    the folder OUT_STEM_files beside it). Returns the path written."""
+    if fmt not in FORMATS:
+        raise results.ResultsError(f"unknown report format {fmt!r}; choose from {', '.join(FORMATS)}")
+    report = collect(run_dirs)
+    out = Path(out)
+    if fmt == "html":
+        text = to_html(report)
+    else:
+        text = to_markdown(report, out.parent / f"{out.stem}_files", out.parent)
+    return atomic(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
