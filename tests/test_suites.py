@@ -1,5 +1,6 @@
 import math
 import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +9,9 @@ from raycnn import data, models, suites, trainer
 from raycnn.suites import SuiteError
 from raycnn.trainer import TrainConfig
 
-# The bundled suites and the study suites beside them.
-SUITE_FILES = sorted(suites.BENCHMARKS.glob("*.toml")) + sorted(suites.BENCHMARKS.glob("studies/*.toml"))
+# The bundled suites and the study suites (suite files run by path, kept under benchmarks/).
+STUDIES = Path(__file__).resolve().parent.parent / "benchmarks" / "studies"
+SUITE_FILES = sorted(suites.BUNDLED.glob("*.toml")) + sorted(STUDIES.glob("*.toml"))
 
 
 def test_bundled_suites_hold_the_report_grid():
@@ -156,7 +158,7 @@ def test_each_suite_declares_its_normalization(path):
 
 
 def test_faithful_jitter_study_is_the_jitter_cell_but_for_the_mode():
-    study = suites.load(suites.BENCHMARKS / "studies" / "cifar10-jitter-faithful.toml").trials[0].config
+    study = suites.load(STUDIES / "cifar10-jitter-faithful.toml").trials[0].config
     cell = {t.name: t for t in suites.load(suites.bundled()["cifar10"]).trials}["cifar10/augment/jitter"].config
     assert (cell.jitter_mode, study.jitter_mode) == ("fast", "faithful")
     from dataclasses import replace
