@@ -266,6 +266,9 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
         except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
             if view is not None and hasattr(view, "warn"):
                 view.warn(f"{e}; Ray's log: {Path(opts.run_dir) / RAY_LOG}")
+        except RunError:          # a run that cannot start leaves nothing behind
+            (Path(opts.run_dir) / RAY_LOG).unlink(missing_ok=True)
+            raise
         with phase(opts.timings, "write results"):
             trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
