@@ -455,6 +455,7 @@ def _epoch_metrics(training: Training, epoch: int, train: tuple[float, float, fl
 def save_best(training: Training, epoch: int, directory: str | Path) -> Path:
     """Keep the model of the best epoch so far in directory/best.pt (atomic), beside state.pt."""
     path = Path(directory) / BEST_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)     # an epoch may beat the best before any checkpoint
     tmp = path.with_name(f".{BEST_FILE}.{os.getpid()}.tmp")
     torch.save({"model": training.model.state_dict(), "epoch": epoch, "config": training.config.to_dict()}, tmp)
     os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny datasets written in the real on-disk formats."""
 import gzip
+import math
 import pickle
 import struct
 from pathlib import Path
@@ -54,3 +55,11 @@ def mnist_root(tmp_path):
 @pytest.fixture
 def cifar_root(tmp_path):
     return tmp_path, make_cifar(tmp_path)
+
+
+def timeless(history: list[dict]) -> list[dict]:
+    """A training history as two runs must agree on it: without timings (they differ run to run),
+    NaN as None (NaN != NaN, and metrics a run does not have, such as val_acc, are NaN)."""
+    nan_free = lambda v: None if isinstance(v, float) and math.isnan(v) else v
+    return [{k: nan_free(v) for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")}
+            for m in history]

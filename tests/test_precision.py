@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import timeless
 from raycnn import data, trainer
 from raycnn.trainer import TrainConfig
 
@@ -63,10 +64,6 @@ def whole_and_resumed(config: TrainConfig, arrays: data.Arrays, tmp_path) -> tup
     for result, folder in ((whole, "whole"), (resumed, "cut")):
         result["weights"] = torch.load(tmp_path / folder / "state.pt", weights_only=False)["model"]
     return whole, resumed
-
-
-def timeless(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in history]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import raycnn
 
-RAY_MODULES = {"raycnn.tune", "raycnn.trial", "raycnn.cluster"}
+RAY_MODULES = {"raycnn.tune", "raycnn.trial", "raycnn.cluster", "raycnn.ray_trackers"}
 
 
 def test_only_the_ray_modules_import_ray():

@@ -3,6 +3,7 @@ for per-image parameters, the CPU generator for jitter's op order) are restored 
 import pytest
 import torch
 
+from conftest import timeless
 from raycnn import data, trainer
 from raycnn.trainer import TrainConfig
 
@@ -25,7 +26,6 @@ def test_resume_with_crop_flip_jitter_is_exact(tmp_path):
         trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=CIFAR)
     resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=CIFAR)
 
-    timeless = lambda h: [{k: v for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in h]
     assert timeless(resumed["history"]) == timeless(whole["history"])
     a = torch.load(tmp_path / "whole/state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/state.pt", weights_only=False)["model"]

@@ -4,6 +4,7 @@ import re
 import pytest
 import torch
 
+from conftest import timeless
 from raycnn import data, trainer
 from raycnn.trainer import ConfigError, TrainConfig
 
@@ -59,9 +60,7 @@ def test_resume_is_exact(tmp_path, extra):
         trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=MNIST)
     resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=MNIST)
 
-    same = lambda v: "nan" if isinstance(v, float) and math.isnan(v) else v       # NaN: no validation split
-    strip = lambda h: [{k: same(v) for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")} for m in h]
-    assert strip(resumed["history"]) == strip(whole["history"])
+    assert timeless(resumed["history"]) == timeless(whole["history"])
     a = torch.load(tmp_path / "whole/state.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "cut/state.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -149,11 +148,11 @@ def test_outcome_one_rule(rows, status, want):
 
 
 def test_tune_rows_use_the_trainers_outcome():
-    from raycnn import tune      # Ray's side: its result rows must not decide anything differently
+    from raycnn import experiment    # Tune's rows must not decide anything differently
     epochs = [m | {"finished": m["status"] != "running", "time_total_s": 1.0} for m in
               history((0.5, math.nan), (0.7, math.nan), (0.6, math.nan), last_status="stopped")]
-    meta = {k: "x" for k in tune.TRIAL_META} | {"config": {}, "gpus": 0.0, "cpus": 1}
-    row = tune._trial_row(meta, epochs, [])
+    meta = {k: "x" for k in experiment.TRIAL_META} | {"config": {}, "gpus": 0.0, "cpus": 1}
+    row = experiment._trial_row(meta, epochs, [])
     want = trainer.outcome(epochs)
     assert {k: row[k] for k in want} == want and row["final_test_acc"] == 0.7
 
