@@ -1,0 +1,103 @@
+"""The speed benchmarks end to end on the CPU, as a user runs them: benchmarks/throughput.py
+--quick, benchmarks/packing.py on a real private Ray, and benchmarks/project.py on the run
+folders packing leaves."""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVENANCE = ("created", "git_rev", "torch_version", "ray_version", "python_version")
+THROUGHPUT_COLUMNS = ("device", "device_name", "measure", "model", "variant", "value", "rep", "ratio", "images",
+                      "batch_size", "threads", "num_workers", "precision", "data", "quick", "reps", "load_1min",
+                      *PROVENANCE)
+
+
+def script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """A benchmarks/ script in a subprocess, as a user runs it."""
+    env = dict(os.environ, COLUMNS="200", RAY_AIR_NEW_OUTPUT="0")
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def test_throughput_both_loops_at_equal_threads(tmp_path):
+    out = script("throughput.py", "--quick", "--models", "mnist_base,cifar_base", "--threads", "2",
+                 "--naive-workers", "0,1", "--reps", "2", "--out", tmp_path, "--data-dir", tmp_path / "no-data",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "throughput-cpu.parquet")
+    for col in THROUGHPUT_COLUMNS:
+        assert col in df.columns, col
+    assert set(df.model) == {"mnist_base", "cifar_base"} and set(df.variant) == {"naive-w0", "naive-w1", "raycnn"}
+    assert (df.value > 0).all() and df.value.map(math.isfinite).all()
+    assert set(df.threads) == {2} and set(df.batch_size) == {64} and set(df.data) == {"synthetic"}
+    for (model, rep), g in df.groupby(["model", "rep"]):
+        v = g.set_index("variant")
+        assert v.loc["naive-w1", "num_workers"] == 1 and len(set(g.images)) == 1     # the same images for all
+        best = max(v.loc["naive-w0", "value"], v.loc["naive-w1", "value"])
+        assert v.loc["raycnn", "ratio"] == pytest.approx(v.loc["raycnn", "value"] / best)
+        assert math.isnan(v.loc["naive-w0", "ratio"])
+    assert "raycnn/naive" in out.stdout
+
+
+def test_throughput_bad_model_is_one_line(tmp_path):
+    out = script("throughput.py", "--models", "vgg", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown model(s) vgg" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def packing(tmp_path_factory):
+    """packing.py at 1 and 2 trials, tiny and synthetic: (its folder, the process, its rows)."""
+    tmp = tmp_path_factory.mktemp("packing")
+    out = script("packing.py", "--synthetic", "--trial-images", "128", "--epochs", "1", "--concurrency", "1,2",
+                 "--out", tmp / "speed", "--keep-runs", tmp / "runs", cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp, out, pd.read_parquet(tmp / "speed" / "packing-cpu.parquet")
+
+
+def test_packing_total_images_per_s(packing):
+    _, out, df = packing
+    for col in ("label", "concurrency", "gpus_per_trial", "trials", "images", "epochs", *PROVENANCE):
+        assert col in df.columns, col
+    assert set(df.label) == {"plain"} and set(df.data) == {"synthetic"}
+    v = df.set_index(["measure", "concurrency"]).value
+    assert sorted(df.concurrency.unique()) == [1, 2] and (df.value > 0).all()
+    for k in (1, 2):
+        assert v["total_images_per_s", k] == pytest.approx(k * v["trial_images_per_s", k])
+    r = df.set_index(["measure", "concurrency"]).ratio
+    assert r["total_images_per_s", 2] == pytest.approx(v["total_images_per_s", 2] / v["total_images_per_s", 1])
+    assert "img/s in all" in out.stdout
+
+
+def test_projection_from_the_packing_runs(packing):
+    tmp, _, _ = packing
+    out = script("project.py", tmp / "runs" / "plain-k1", "--speed", tmp / "speed" / "packing-cpu.parquet",
+                 "--cpus", "1", "--out", tmp / "projection.parquet", cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Projected wall time" in out.stdout
+    df = pd.read_parquet(tmp / "projection.parquet")
+    trials = df[df.level == "trial"].set_index("name")
+    assert len(trials) == 59                                 # the report's whole grid
+    measured = trials.loc["cifar10/base/no-scheduler"]
+    assert measured.source == "measured" and measured.epochs == 30
+    assert measured.epoch_s > 0 and measured.trial_s >= 30 * measured.epoch_s
+    assert trials.loc["cifar10/augment/flip"].source == "model mean"    # another cifar_base trial
+    assert trials.loc["mnist/base/sgd/lr0.01"].source == "missing"
+    grid = df[df.level == "grid"].iloc[0]
+    assert grid.trials == 59 and grid.missing == (trials.source == "missing").sum()
+    assert grid.wall_s_measured_packing > 0 and grid.wall_s_best_packing > 0
+
+
+def test_first_fit_schedule():
+    spec = importlib.util.spec_from_file_location("project", ROOT / "benchmarks" / "project.py")
+    project = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(project)
+    assert project.simulate([10, 10, 10], [0.5, 0.5, 0.5]) == 20
+    assert project.simulate([10, 4, 4, 4], [0.5, 0.5, 0.5, 0.5]) == 12    # the short ones share the other half
+    assert project.simulate([], []) == 0
