@@ -101,3 +101,26 @@ def test_first_fit_schedule():
     assert project.simulate([10, 10, 10], [0.5, 0.5, 0.5]) == 20
     assert project.simulate([10, 4, 4, 4], [0.5, 0.5, 0.5, 0.5]) == 12    # the short ones share the other half
     assert project.simulate([], []) == 0
+
+
+def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("grid", ROOT / "benchmarks" / "grid.py")
+        grid = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(grid)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pd.DataFrame([dict(measure="total_images_per_s", label=label, concurrency=k, value=v) for label, k, v in
+                  (("plain", 1, 100.0), ("plain", 4, 390.0), ("plain", 8, 380.0), ("mps", 8, 420.0))]
+                 + [dict(measure="trial_images_per_s", label="plain", concurrency=1, value=999.0)]
+                 ).to_parquet(tmp_path / "packing.parquet")
+    assert grid.best_packing(str(tmp_path / "packing.parquet")) == ("mps", 8)
+    assert grid.best_packing(str(tmp_path / "missing.parquet")) == ("plain", 1)
+    args = grid.parse(["--data-dir", str(tmp_path)])
+    trials = grid.trials(args, 8)
+    assert len(trials) == 51 and not any(t.suite == "pretrained" for t in trials)
+    assert {t.config.model for t in trials[:2]} == {"alexnet", "resnet18"}
+    assert all(t.gpus_per_trial == 0.5 for t in trials[:2]) and all(t.gpus_per_trial == 1 / 8 for t in trials[2:])
+    assert [t.suite for t in trials[2:]] == ["cifar10"] * 9 + ["mnist"] * 40    # 30 epochs before 10
+    assert all(t.config.epochs == {"cifar10": 30, "mnist": 10}[t.suite] for t in trials)
