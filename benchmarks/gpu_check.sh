@@ -7,6 +7,7 @@
 #      data, longest first, at step 2's best packing (the 8 pretrained trials are left out: they
 #      need ImageNet weights, which that machine cannot download);
 #   4. throughput.py again with torch.compile, in what time is left.
+# GPU_CHECK_SKIP=throughput,packing,... leaves steps out (e.g. a second call for the grid alone).
 # Each step has its own time limit inside GPU_CHECK_BUDGET_S; after every step (and every 20 s of
 # the grid) the figures are copied to $OUT, so a run cut short still returns them.
 #
@@ -118,6 +119,10 @@ setup_env() {
       else "no GPU", "x", torch.cuda.device_count())'
 }
 
+wanted() {   # wanted STEP: not named in GPU_CHECK_SKIP (comma-separated: throughput,packing,mps,grid,compile)
+  [[ ",${GPU_CHECK_SKIP:-}," != *",$1,"* ]]
+}
+
 mps() {   # mps start|stop: CUDA MPS, private to this run
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/raycnn-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/raycnn-mps/log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
@@ -136,21 +141,24 @@ main() {
     gr=(--device cpu --synthetic --epochs 1 --max-train-samples 64 --num-cpus 2 --max-failures 0
         --filter 'mnist/base/sgd/*' --filter 'cifar10/base/*')
   fi
-  step 120 "$PY" benchmarks/throughput.py "${tp[@]}" --out "$RES/speed" || rc=1
-  step 100 "$PY" benchmarks/packing.py "${pk[@]}" --out "$RES/speed" || rc=1
-  if ((!DRY)) && command -v nvidia-cuda-mps-control >/dev/null; then
-    mps start && { step 80 "$PY" benchmarks/packing.py "${pk[@]}" --label mps --out "$RES/speed" || rc=1; }
+  wanted throughput && { step 120 "$PY" benchmarks/throughput.py "${tp[@]}" --out "$RES/speed" || rc=1; }
+  wanted packing && { step 150 "$PY" benchmarks/packing.py "${pk[@]}" --out "$RES/speed" || rc=1; }
+  if ((!DRY)) && wanted mps && command -v nvidia-cuda-mps-control >/dev/null; then
+    # The densest packing only: MPS matters where many processes share the GPU.
+    mps start && { step 60 "$PY" benchmarks/packing.py "${pk[@]}" --concurrency 8 --label mps --out "$RES/speed" || rc=1; }
     mps stop
   fi
-  read -r label k < <("$PY" benchmarks/grid.py --best-packing "$RES/speed/packing-$SLUG.parquet")
-  [ "$label" = mps ] && mps start
-  (while sleep 20; do copy_out; done) & copier=$!
-  # The grid gets what is left but 40 s, kept for the compiled throughput's first model.
-  step $(((BUDGET_S - (SECONDS - t0)) / SCALE - 40)) "$PY" benchmarks/grid.py "${gr[@]}" --per-device "${k:-1}" \
-    --run-dir "$RES/$GRID" --out "$RES/speed" || rc=1
-  kill "$copier" 2>/dev/null
-  [ "$label" = mps ] && mps stop
-  step 300 "$PY" benchmarks/throughput.py "${tp[@]}" --compile --out "$RES/speed/compile" || rc=1
+  if wanted grid; then
+    read -r label k < <("$PY" benchmarks/grid.py --best-packing "$RES/speed/packing-$SLUG.parquet")
+    [ "${label:-}" = mps ] && mps start
+    (while sleep 20; do copy_out; done) & copier=$!
+    # The grid gets what is left but 40 s, kept for the compiled throughput's first model.
+    step $(((BUDGET_S - (SECONDS - t0)) / SCALE - 40)) "$PY" benchmarks/grid.py "${gr[@]}" --per-device "${k:-1}" \
+      --run-dir "$RES/$GRID" --out "$RES/speed" || rc=1
+    kill "$copier" 2>/dev/null
+    [ "${label:-}" = mps ] && mps stop
+  fi
+  wanted compile && { step 300 "$PY" benchmarks/throughput.py "${tp[@]}" --compile --out "$RES/speed/compile" || rc=1; }
   [ -n "${OUT:-}" ] && mkdir -p "$OUT/results/speed/compile" && cp "$RES"/speed/compile/*.parquet "$OUT/results/speed/compile/" 2>/dev/null
   echo "== done in $((SECONDS - t0))s, rc=$rc"
   return $rc

@@ -45,7 +45,7 @@ from throughput import device_slug, note
 
 console = Console()
 TRIAL = "cifar10/base/no-scheduler"
-IMAGES = {"cpu": 2048, "cuda": 25600}
+IMAGES = {"cpu": 2048, "cuda": 12800}
 
 
 def trial(args) -> suites.Trial:
@@ -95,7 +95,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="", help="comma-separated k (default: CPU 1,2; CUDA 1,2,4,8)")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--synthetic", action="store_true", help="synthetic images of CIFAR-10's shape")
-    p.add_argument("--trial-images", type=int, help="training images per trial (default: CPU 2048, CUDA 25600)")
+    p.add_argument("--trial-images", type=int, help="training images per trial (default: CPU 2048, CUDA 12800)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per trial; the last one is measured (default 2)")
     p.add_argument("--label", default="plain", help="tag of this run's rows, e.g. mps (default plain)")
     p.add_argument("--out", default="results/speed", help="folder for packing-<device>.parquet")

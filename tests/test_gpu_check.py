@@ -69,3 +69,11 @@ def test_dry_run_of_the_device_half(tmp_path):
     assert "raycnn-compile" in set(compiled.variant)
     assert "the 8 pretrained trials are left out" in log
     assert (speed / "gpu-check.log").is_file()
+
+
+def test_skipped_steps_do_not_run(tmp_path):
+    run = gpu_check("--dry-run", OUT=tmp_path / "out", GPU_CHECK_RESULTS=tmp_path / "results",
+                    GPU_CHECK_SKIP="throughput,packing,grid,compile", timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "== done" in run.stdout and "benchmarks/" not in run.stdout     # no step started
+    assert (tmp_path / "out" / "results" / "speed" / "gpu-check.log").is_file()
