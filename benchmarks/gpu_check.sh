@@ -1,57 +1,99 @@
 #!/usr/bin/env bash
-# GPU check, in under 8 minutes on one GPU with no network: benchmarks/speed.py on CUDA, one
-# synthetic epoch of every suite at its declared GPU packing, and the projected wall time of the
-# report's full grid (59 trials at 10/30/10 epochs) from those measurements.
-# On a lent device machine: run `bash benchmarks/gpu_check.sh` with carry [".device"] and a
-# timeout of about 540 s; what it copies to $OUT comes back.
+# The GPU check in one call on an offline GPU machine (CPython 3.12 with torch, no Ray, no network):
+#   1. benchmarks/throughput.py on CUDA: the raycnn trainer against the naive loop (images/s, ratio);
+#   2. benchmarks/packing.py: total images/s at 1, 2, 4, 8 trials per GPU (again under CUDA MPS
+#      where nvidia-cuda-mps-control exists: started before Ray, stopped after);
+#   3. benchmarks/grid.py: the 40 MNIST + 11 CIFAR-10 trials at the report's epochs on the real
+#      data, longest first, at step 2's best packing (the 8 pretrained trials are left out: they
+#      need ImageNet weights, which that machine cannot download);
+#   4. throughput.py again with torch.compile, in what time is left.
+# GPU_CHECK_SKIP=throughput,packing,... leaves steps out (e.g. a second call for the grid alone).
+# Each step has its own time limit inside GPU_CHECK_BUDGET_S; after every step (and every 20 s of
+# the grid) the figures are copied to $OUT, so a run cut short still returns them.
 #
-#   bash benchmarks/gpu_check.sh --prepare   # here, with network: fills .device/ (git-ignored)
+#   bash benchmarks/gpu_check.sh --prepare   # here (reaches PyPI): fills .device/ (git-ignored)
+#                                            # and checks that what travels is under 64 MiB
 #   bash benchmarks/gpu_check.sh             # there, in the repo root copied with .device/
+#   bash benchmarks/gpu_check.sh --dry-run   # here: the device half on the CPU, synthetic and tiny,
+#                                            # with this machine's Python and Ray (PYTHON=...)
+# On a lent device machine: carry [".device"], timeout about 540 s.
 #
-# There: CPython 3.12 with torch preinstalled; Ray comes from .device/ray-site.tar.xz, unpacked
-# as /work/shared/gpu-kit/README.md says; rich (with markdown-it-py, mdurl, pygments: pure Python,
-# absent from that image) from .device/pylib; real images from .device/data if present (the
-# timing does not need them). Outputs go to results/speed/: <gpu>.parquet (speed.py),
-# gpu-check/<suite>/*.parquet (the suites' runs), projection-<gpu>.parquet, gpu-check.log; and,
-# where $OUT is set, are copied there after every step, so a run cut short still returns them.
+# .device/ holds ray-site.tar.xz (Ray Core + Tune for cp312, from ../shared/gpu-kit/make_ray_bundle.sh),
+# data.npz and datapack.py (the real MNIST and CIFAR-10, ../shared/gpu-kit/datapack.py) and pylib/
+# (rich and its pure-Python dependencies, absent from that image). Outputs: results/speed/
+# throughput-<gpu>.parquet, packing-<gpu>.parquet, grid-<gpu>.parquet, gpu-check.log, and the grid's
+# run folder results/grid-<gpu>/ (its Parquet files; Tune's folder there is git-ignored).
 set -uo pipefail      # no -e: a failed step must not hide the numbers of the next ones
 cd "$(dirname "$0")/.."
 
-BUDGET_S=${GPU_CHECK_BUDGET_S:-465}   # the whole script; 8 minutes less a margin for start-up
-RESERVE_S=30                          # kept for the final projection by every earlier step
-SITE=${GPU_CHECK_SITE:-/tmp/site}   # where Ray unpacks (the kit's prefix)
+DEV=${GPU_CHECK_DEVICE_DIR:-.device}
+LIMIT_MIB=${GPU_CHECK_LIMIT_MIB:-64}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-510}   # the whole device half; a 540 s call less a margin
+SITE=${GPU_CHECK_SITE:-/tmp/site}     # where Ray unpacks (the kit's prefix)
+DATA=${GPU_CHECK_DATA:-/tmp/raycnn-data}
+RES=${GPU_CHECK_RESULTS:-results}   # results root; the dry run's default is a temporary folder
+PY=${PYTHON:-python3}
+DRY=0
+SCALE=1                               # step limits x SCALE (the dry run's CPU is slower)
 t0=$SECONDS
 
+travelling_bytes() {
+  # What a device call carries: the files git tracks or would track, plus .device/.
+  { git ls-files -z --cached --others --exclude-standard; find "$DEV" -type f -print0 2>/dev/null; } |
+    sort -zu | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}'
+}
+
+check_size() {
+  local bytes mib limit=$((LIMIT_MIB * 1024 * 1024))
+  bytes=$(travelling_bytes)
+  mib=$(awk -v b="$bytes" 'BEGIN {printf "%.1f", b / 1048576}')
+  if ((bytes > limit)); then
+    echo "gpu_check: $mib MiB would travel (working tree + $DEV), over the ${LIMIT_MIB} MiB limit" >&2
+    return 2
+  fi
+  echo "travels: $mib MiB of ${LIMIT_MIB} MiB"
+}
+
 prepare() {
-  # make_ray_bundle.sh writes .device/ray-site.tar.xz (reaches PyPI); --force there rebuilds.
-  local kit=${GPU_KIT:-$(cd .. && pwd)/shared/gpu-kit} py=${PYTHON:-.venv/bin/python}
-  [ -f .device/ray-site.tar.xz ] || "$kit/make_ray_bundle.sh" || return 1
-  rm -rf .device/pylib && mkdir -p .device/pylib
-  "$py" - <<'EOF'
-import importlib, pathlib, shutil
+  # Each part is built once; delete it (or pass --force to the kit's script) to rebuild.
+  local kit=${GPU_KIT:-} py=${PYTHON:-python3} d
+  # The kit sits in shared/ beside the repository (or beside the folder of its worktrees).
+  [ -n "$kit" ] || for d in ../shared/gpu-kit ../../shared/gpu-kit; do [ -d "$d" ] && kit=$(cd "$d" && pwd) && break; done
+  kit=${kit:-../shared/gpu-kit}
+  [ -d "$kit" ] || { echo "gpu_check: no GPU kit at $kit (set GPU_KIT)" >&2; return 2; }
+  mkdir -p "$DEV"
+  [ -f "$DEV/ray-site.tar.xz" ] || PYTHON=$py "$kit/make_ray_bundle.sh" "$DEV" || return 1
+  [ -f "$DEV/data.npz" ] || "$py" "$kit/datapack.py" pack "$DEV/data.npz" || return 1
+  cp "$kit/datapack.py" "$DEV/datapack.py"
+  rm -rf "$DEV/pylib" && mkdir -p "$DEV/pylib"
+  "$py" - "$DEV/pylib" <<'EOF' || return 1
+import importlib, pathlib, shutil, sys
 for name in ("rich", "markdown_it", "mdurl", "pygments"):
     src = pathlib.Path(importlib.import_module(name).__file__).parent
-    shutil.copytree(src, f".device/pylib/{name}", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(src, pathlib.Path(sys.argv[1]) / name, ignore=shutil.ignore_patterns("__pycache__"))
 EOF
-  du -sh .device/*
+  du -sh "$DEV"/*
+  check_size
 }
 
 copy_out() {
-  [ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp -r results/speed "$OUT/" 2>/dev/null
+  [ -n "${OUT:-}" ] || return 0
+  mkdir -p "$OUT/results/speed" "$OUT/results/$GRID"
+  cp "$RES"/speed/*-"$SLUG".parquet "$RES"/speed/gpu-check.log "$OUT/results/speed/" 2>/dev/null
+  cp "$RES/$GRID"/*.parquet "$OUT/results/$GRID/" 2>/dev/null
   return 0
 }
 
 step() {
   # step LIMIT CMD...: run CMD under `timeout`, at most LIMIT seconds and what the budget leaves.
-  local limit=$1 left=$((BUDGET_S - (SECONDS - t0) - RESERVE_S)); shift
+  local limit=$(($1 * SCALE)) left=$((BUDGET_S - (SECONDS - t0))); shift
   ((left < limit)) && limit=$left
-  if ((limit < 15)); then echo "== skipped, out of time: $*"; return 124; fi
+  if ((limit < 20)); then echo "== skipped, out of time: $*"; return 124; fi
   echo "== $(date +%T) +$((SECONDS - t0))s [limit ${limit}s] $*"
-  # SIGINT to the command alone: Tune stops, writes what finished and shuts Ray down (seen:
-  # rc 130 in 15 s). SIGTERM makes Ray 2.60's C++ handler abort the driver (rc 134), and
-  # signalling the whole process group (timeout without --foreground) kills Ray under it.
-  # Ray's own processes die with the driver if the KILL 30 s later is needed.
-  timeout --foreground -s INT -k 30 "$limit" "$@"
+  # SIGINT to the command alone: Tune stops, writes what finished and shuts Ray down. SIGTERM
+  # makes Ray 2.60's C++ handler abort the driver, and signalling the whole process group (timeout
+  # without --foreground) kills Ray under it. The KILL 20 s later ends what is left.
+  timeout --foreground -s INT -k 20 "$limit" "$@"
   local rc=$?
   echo "== rc=$rc +$((SECONDS - t0))s"
   copy_out
@@ -59,61 +101,84 @@ step() {
 }
 
 setup_env() {
-  mkdir -p "$SITE" && { [ -d "$SITE/ray" ] || timeout 120 python3 -m tarfile --filter tar \
-    -e .device/ray-site.tar.xz "$SITE"; } || { echo "cannot unpack .device/ray-site.tar.xz"; return 1; }
-  # pylib last: a rich already in the image wins. PYTHONPATH absolute: Tune runs trials elsewhere.
-  export PYTHONPATH=$SITE:$PWD:$PWD/.device/pylib PATH=$SITE/bin:$PATH RAY_AUTH_MODE=disabled \
-    RAY_USAGE_STATS_ENABLED=0 RAY_AIR_NEW_OUTPUT=0 COLUMNS=${COLUMNS:-200}
-  timeout 90 python3 -c 'import sys, torch, ray, rich; print("python", sys.version.split()[0], "torch",
-      torch.__version__, "ray", ray.__version__, "|", torch.cuda.get_device_name(0), "x", torch.cuda.device_count())'
+  if ((DRY)); then      # this machine's Python and Ray; the tree's own PYTHONPATH
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+  else
+    mkdir -p "$SITE" && { [ -d "$SITE/ray" ] || timeout 120 "$PY" -m tarfile --filter tar \
+      -e "$DEV/ray-site.tar.xz" "$SITE"; } || { echo "cannot unpack $DEV/ray-site.tar.xz"; return 1; }
+    # pylib last: a rich already in the image wins. PYTHONPATH absolute: Tune runs trials elsewhere.
+    export PYTHONPATH=$SITE:$PWD:$PWD/$DEV/pylib PATH=$SITE/bin:$PATH
+    if [ ! -f "$DATA/.unpacked" ]; then
+      timeout 120 "$PY" "$DEV/datapack.py" unpack "$DEV/data.npz" "$DATA" && touch "$DATA/.unpacked" ||
+        { echo "cannot unpack $DEV/data.npz"; return 1; }
+    fi
+  fi
+  export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_AIR_NEW_OUTPUT=0 COLUMNS=${COLUMNS:-200}
+  timeout 120 "$PY" -c 'import sys, torch, ray, rich; print("python", sys.version.split()[0], "torch",
+      torch.__version__, "ray", ray.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available()
+      else "no GPU", "x", torch.cuda.device_count())'
 }
 
-run_suites() {
-  local weights=/tmp/raycnn-random-resnet18.pt suite
-  # The pretrained suite loads ImageNet weights: random ones time the same, and timing is all this measures.
-  timeout 90 python3 -c "import torch, torchvision; torch.save(torchvision.models.resnet18().state_dict(), '$weights')"
-  rm -rf results/gpu-check results/speed/gpu-check
-  local rc=0
-  for suite in mnist cifar10 pretrained; do
-    step 110 python3 -m raycnn.cli run "$suite" --synthetic --epochs 1 --results-dir results/gpu-check \
-      --name "$suite" --num-gpus "$NGPU" --max-failures 0 --weights "$weights" || rc=1
-    # Only the Parquet files: Tune's folders hold checkpoints.
-    mkdir -p "results/speed/gpu-check/$suite"
-    cp results/gpu-check/"$suite"/*.parquet "results/speed/gpu-check/$suite/" 2>/dev/null
-  done
-  copy_out
-  return $rc
+wanted() {   # wanted STEP: not named in GPU_CHECK_SKIP (comma-separated: throughput,packing,mps,grid,compile)
+  [[ ",${GPU_CHECK_SKIP:-}," != *",$1,"* ]]
 }
 
-project() {
-  local runs=() d
-  for d in results/speed/gpu-check/*/; do [ -f "$d/trials.parquet" ] && runs+=("$d"); done
-  ((${#runs[@]})) || { echo "no suite produced results: nothing to project"; return 1; }
-  RESERVE_S=0 step 60 python3 benchmarks/project.py "${runs[@]}" --gpus "$NGPU" \
-    --speed "results/speed/$SLUG.parquet" --out "results/speed/projection-$SLUG.parquet"
+mps() {   # mps start|stop: CUDA MPS, private to this run
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/raycnn-mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/raycnn-mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if [ "$1" = start ]; then nvidia-cuda-mps-control -d; else echo quit | nvidia-cuda-mps-control; fi
 }
 
 main() {
-  echo "== gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname 2>/dev/null), $(date -Is)"
+  echo "== gpu_check $(git rev-parse --short HEAD 2>/dev/null || echo '?') on $(hostname 2>/dev/null), $(date -Is)$( ((DRY)) && echo ', dry run')"
   setup_env || return 1
-  # GPU count (declared to Ray: the kit has not seen its autodetection) and speed.py's file stem.
-  read -r NGPU SLUG < <(timeout 90 python3 -c 'import re, torch; print(torch.cuda.device_count(),
-      re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))')
-  local data=(--data-dir .device/data) rc=0
-  [ -d .device/data ] || data=(--data-dir none)      # speed.py then times synthetic images
-  step 210 python3 benchmarks/speed.py --device cuda "${data[@]}" --out results/speed || rc=1
-  run_suites || rc=1
-  project || rc=1
-  echo "== done in $((SECONDS - t0))s, rc=$rc; outputs in results/speed/"
+  local rc=0 label k copier
+  # Per step: (dry run on the CPU | the real thing on CUDA).
+  local tp=(--device cuda --data-dir "$DATA") pk=(--device cuda --data-dir "$DATA") gr=(--device cuda --data-dir "$DATA")
+  if ((DRY)); then
+    tp=(--device cpu --quick --models mnist_base,cifar_base)
+    pk=(--device cpu --synthetic --trial-images 128 --epochs 1 --concurrency 1,2)
+    gr=(--device cpu --synthetic --epochs 1 --max-train-samples 64 --num-cpus 2 --max-failures 0
+        --filter 'mnist/base/sgd/*' --filter 'cifar10/base/*')
+  fi
+  wanted throughput && { step 120 "$PY" benchmarks/throughput.py "${tp[@]}" --out "$RES/speed" || rc=1; }
+  wanted packing && { step 150 "$PY" benchmarks/packing.py "${pk[@]}" --out "$RES/speed" || rc=1; }
+  if ((!DRY)) && wanted mps && command -v nvidia-cuda-mps-control >/dev/null; then
+    # The densest packing only: MPS matters where many processes share the GPU.
+    mps start && { step 60 "$PY" benchmarks/packing.py "${pk[@]}" --concurrency 8 --label mps --out "$RES/speed" || rc=1; }
+    mps stop
+  fi
+  if wanted grid; then
+    read -r label k < <("$PY" benchmarks/grid.py --best-packing "$RES/speed/packing-$SLUG.parquet")
+    [ "${label:-}" = mps ] && mps start
+    (while sleep 20; do copy_out; done) & copier=$!
+    # The grid gets what is left but 40 s, kept for the compiled throughput's first model.
+    step $(((BUDGET_S - (SECONDS - t0)) / SCALE - 40)) "$PY" benchmarks/grid.py "${gr[@]}" --per-device "${k:-1}" \
+      --run-dir "$RES/$GRID" --out "$RES/speed" || rc=1
+    kill "$copier" 2>/dev/null
+    [ "${label:-}" = mps ] && mps stop
+  fi
+  wanted compile && { step 300 "$PY" benchmarks/throughput.py "${tp[@]}" --compile --out "$RES/speed/compile" || rc=1; }
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT/results/speed/compile" && cp "$RES"/speed/compile/*.parquet "$OUT/results/speed/compile/" 2>/dev/null
+  echo "== done in $((SECONDS - t0))s, rc=$rc"
   return $rc
 }
 
-if [ "${1:-}" = "--prepare" ]; then
-  prepare
-  exit $?
-fi
-mkdir -p results/speed
-main 2>&1 | tee results/speed/gpu-check.log
+case "${1:-}" in
+  --prepare) prepare; exit $? ;;
+  --check-size) check_size; exit $? ;;
+  --dry-run) DRY=1; DATA=none; RES=${GPU_CHECK_RESULTS:-$(mktemp -d)/results}
+             BUDGET_S=${GPU_CHECK_BUDGET_S:-1800}; SCALE=4 ;;   # a shared 2-core CPU: looser limits
+  "") ;;
+  *) echo "gpu_check: unknown option $1 (--prepare, --check-size, --dry-run or none)" >&2; exit 2 ;;
+esac
+# The device's file stem, as throughput.py names its files; the grid's run folder.
+SLUG=cpu
+((DRY)) || SLUG=$(timeout 60 "$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-",
+    torch.cuda.get_device_name(0).lower()).strip("-") if torch.cuda.is_available() else "cpu")')
+GRID=grid-$SLUG
+mkdir -p "$RES/speed"
+main 2>&1 | tee "$RES/speed/gpu-check.log"
 rc=${PIPESTATUS[0]}
 copy_out
 exit "$rc"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Project the wall time of the report's whole grid from short measured runs.
 
-    python benchmarks/project.py RUN_DIR [RUN_DIR ...] [--speed results/speed/DEVICE.parquet]
+    python benchmarks/project.py RUN_DIR [RUN_DIR ...] [--speed FILE ...]
                                  [--gpus 1] [--cpus N] [--out FILE.parquet]
 
 RUN_DIRs are run folders of `raycnn run` (e.g. one epoch of each suite with --synthetic, whose
@@ -14,7 +14,8 @@ the mean of measured trials of the same model; with none, they are left out and 
 
 The trials are then scheduled first-fit, in suite order, on `--gpus` GPUs by their GPU share
 (runs on the CPU: on `--cpus` CPUs, the run's --num-cpus, by cpus_per_trial), as Tune's FIFO
-scheduling does. With `--speed` (the Parquet of benchmarks/speed.py) Ray's per-trial overhead and
+scheduling does. With `--speed` (Parquet files of benchmarks/packing.py and of the Ray-overhead
+benchmark; repeatable, their rows are pooled) Ray's per-trial overhead and
 start-up are added, and the light trials (those with the smallest share, the small nets) are
 also projected at the packing k that trained the most images/s in all there (k x a trial's
 images/s), their epochs scaled by a trial's images/s at their measured packing against at k.
@@ -128,7 +129,7 @@ def simulate(trial_s: list[float], share: list[float]) -> float:
 
 
 def packing_curve(speed: pd.DataFrame) -> dict[int, float]:
-    """Training images/s of one trial at each measured concurrency k (benchmarks/speed.py)."""
+    """Training images/s of one trial at each measured concurrency k (benchmarks/packing.py)."""
     rows = speed[speed["measure"] == "trial_images_per_s"]
     return rows.groupby("concurrency")["value"].median().to_dict()
 
@@ -150,14 +151,18 @@ def repack(df: pd.DataFrame, curve: dict[int, float]) -> tuple[pd.DataFrame, int
     return out, best
 
 
-def speed_overheads(path: str | None) -> tuple[pd.DataFrame, float, float]:
+def speed_overheads(paths: list[str] | None) -> tuple[pd.DataFrame, float, float]:
     """(speed rows, Ray's overhead per trial without start-up, start-up + shutdown per run);
-    no rows and zeros without a speed file (or with one that lacks the Ray part)."""
-    if not path or not Path(path).is_file():
-        if path:
-            console.print(f"[yellow]project: no speed file {path}: Ray's overheads left out[/]")
-        return pd.DataFrame(columns=["measure", "variant", "value", "concurrency"]), 0.0, 0.0
-    speed = pd.read_parquet(path)
+    no rows and zeros without speed files (or with ones that lack the Ray part)."""
+    frames = [pd.DataFrame(columns=["measure", "variant", "value", "concurrency"])]
+    for path in paths or []:
+        if Path(path).is_file():
+            frames.append(pd.read_parquet(path))
+        else:
+            console.print(f"[yellow]project: no speed file {path}: left out[/]")
+    speed = pd.concat(frames, ignore_index=True)
+    if "variant" not in speed:
+        speed["variant"] = ""
 
     def median(measure: str, variant: str | None = None) -> float:
         rows = speed[(speed["measure"] == measure) & ((speed["variant"] == variant) if variant else True)]
@@ -213,7 +218,8 @@ def summary_table(rows: list[dict], best: int | None) -> Table:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run_dirs", nargs="+", help="run folders with trials.parquet and epochs.parquet")
-    p.add_argument("--speed", help="benchmarks/speed.py's Parquet: Ray overheads and the packing curve")
+    p.add_argument("--speed", action="append", help="Parquet of benchmarks/packing.py (the packing curve) or of "
+                                                     "the Ray-overhead benchmark (repeatable)")
     p.add_argument("--gpus", type=float, default=1.0, help="GPUs to schedule GPU trials on (default 1)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
                    help="CPUs to schedule CPU-run trials on: the runs' --num-cpus (default: this machine's)")

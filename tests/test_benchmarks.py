@@ -1,5 +1,6 @@
-"""benchmarks/speed.py --quick end to end on the CPU (a real private Ray), and
-benchmarks/project.py on the run folders it leaves."""
+"""The speed benchmarks end to end on the CPU, as a user runs them: benchmarks/throughput.py
+--quick, benchmarks/packing.py on a real private Ray, and benchmarks/project.py on the run
+folders packing leaves."""
 import importlib.util
 import math
 import os
@@ -11,10 +12,10 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SPEED_COLUMNS = ("device", "device_name", "measure", "model", "variant", "value", "rep", "ratio", "images",
-                 "batch_size", "threads", "num_workers", "precision", "trials", "concurrency", "gpus_per_trial",
-                 "data", "quick", "reps", "created", "git_rev", "torch_version", "ray_version")
-MODELS = {"mnist_base", "cifar_base", "resnet18"}
+PROVENANCE = ("created", "git_rev", "torch_version", "ray_version", "python_version")
+THROUGHPUT_COLUMNS = ("device", "device_name", "measure", "model", "variant", "value", "rep", "ratio", "images",
+                      "batch_size", "threads", "num_workers", "precision", "data", "quick", "reps", "load_1min",
+                      *PROVENANCE)
 
 
 def script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
@@ -24,56 +25,60 @@ def script(name: str, *args, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, cwd=cwd, env=env, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """speed.py --quick once: (its folder, the process, its Parquet rows)."""
-    tmp = tmp_path_factory.mktemp("speed")
-    out = script("speed.py", "--quick", "--device", "cpu", "--out", tmp / "speed", "--keep-runs", tmp / "runs",
-                 "--data-dir", tmp / "no-data", cwd=tmp)
+def test_throughput_both_loops_at_equal_threads(tmp_path):
+    out = script("throughput.py", "--quick", "--models", "mnist_base,cifar_base", "--threads", "2",
+                 "--naive-workers", "0,1", "--reps", "2", "--out", tmp_path, "--data-dir", tmp_path / "no-data",
+                 cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    return tmp, out, pd.read_parquet(tmp / "speed" / "cpu.parquet")
-
-
-def test_images_per_s_both_loops_and_ratio(quick):
-    _, out, df = quick
-    for col in SPEED_COLUMNS:
+    df = pd.read_parquet(tmp_path / "throughput-cpu.parquet")
+    for col in THROUGHPUT_COLUMNS:
         assert col in df.columns, col
-    assert set(df.device) == {"cpu"} and df.quick.all()
-    ips = df[df.measure == "train_images_per_s"]
-    assert set(ips.model) == MODELS and set(ips.variant) == {"naive", "raycnn"}
-    assert (ips.value > 0).all() and ips.value.map(math.isfinite).all()
-    assert set(ips.batch_size) == {64} and set(ips.threads) == {1}
-    for (model, rep), g in ips.groupby(["model", "rep"]):
-        naive, mine = g[g.variant == "naive"].iloc[0], g[g.variant == "raycnn"].iloc[0]
-        assert naive.images == mine.images, model           # the same images for both loops
-        assert mine.ratio == pytest.approx(mine.value / naive.value)
-        assert math.isnan(naive.ratio)
+    assert set(df.model) == {"mnist_base", "cifar_base"} and set(df.variant) == {"naive-w0", "naive-w1", "raycnn"}
+    assert (df.value > 0).all() and df.value.map(math.isfinite).all()
+    assert set(df.threads) == {2} and set(df.batch_size) == {64} and set(df.data) == {"synthetic"}
+    for (model, rep), g in df.groupby(["model", "rep"]):
+        v = g.set_index("variant")
+        assert v.loc["naive-w1", "num_workers"] == 1 and len(set(g.images)) == 1     # the same images for all
+        best = max(v.loc["naive-w0", "value"], v.loc["naive-w1", "value"])
+        assert v.loc["raycnn", "ratio"] == pytest.approx(v.loc["raycnn", "value"] / best)
+        assert math.isnan(v.loc["naive-w0", "ratio"])
     assert "raycnn/naive" in out.stdout
 
 
-def test_ray_overhead_and_concurrency(quick):
-    _, out, df = quick
-    walls = df[df.measure == "suite_wall_s"].set_index("variant")
-    assert {"in-process", "concurrency 1", "concurrency 2"} <= set(walls.index)
-    assert (walls.value > 0).all()
-    assert walls.loc["concurrency 2", "ratio"] == pytest.approx(walls.loc["concurrency 1", "value"] /
-                                                                walls.loc["concurrency 2", "value"])
-    overhead = df[df.measure == "ray_overhead_s_per_trial"].set_index("variant").value
-    n = int(walls.loc["concurrency 1", "trials"])
-    assert overhead["ray"] == pytest.approx((walls.loc["concurrency 1", "value"] - walls.loc["in-process", "value"]) / n)
-    ips = df[df.measure == "trial_images_per_s"].set_index("concurrency")
-    assert sorted(ips.index) == [1, 2] and (ips.value > 0).all()
-    assert ips.loc[2, "ratio"] == pytest.approx(2 * ips.loc[2, "value"] / ips.loc[1, "value"])
-    startup = df[df.measure == "ray_startup_s"]
-    assert len(startup) == 2 and (startup.value > 0).all()
-    assert overhead["ray-excl-startup"] < overhead["ray"]
-    assert "Ray start-up" in out.stdout
+def test_throughput_bad_model_is_one_line(tmp_path):
+    out = script("throughput.py", "--models", "vgg", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown model(s) vgg" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
-def test_projection_from_the_quick_runs(quick):
-    tmp, _, _ = quick
-    out = script("project.py", tmp / "runs" / "ray-k1", "--speed", tmp / "speed" / "cpu.parquet", "--cpus", "1",
-                 "--out", tmp / "projection.parquet", cwd=tmp)
+@pytest.fixture(scope="module")
+def packing(tmp_path_factory):
+    """packing.py at 1 and 2 trials, tiny and synthetic: (its folder, the process, its rows)."""
+    tmp = tmp_path_factory.mktemp("packing")
+    out = script("packing.py", "--synthetic", "--trial-images", "128", "--epochs", "1", "--concurrency", "1,2",
+                 "--out", tmp / "speed", "--keep-runs", tmp / "runs", cwd=tmp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp, out, pd.read_parquet(tmp / "speed" / "packing-cpu.parquet")
+
+
+def test_packing_total_images_per_s(packing):
+    _, out, df = packing
+    for col in ("label", "concurrency", "gpus_per_trial", "trials", "images", "epochs", *PROVENANCE):
+        assert col in df.columns, col
+    assert set(df.label) == {"plain"} and set(df.data) == {"synthetic"}
+    v = df.set_index(["measure", "concurrency"]).value
+    assert sorted(df.concurrency.unique()) == [1, 2] and (df.value > 0).all()
+    for k in (1, 2):
+        assert v["total_images_per_s", k] == pytest.approx(k * v["trial_images_per_s", k])
+    r = df.set_index(["measure", "concurrency"]).ratio
+    assert r["total_images_per_s", 2] == pytest.approx(v["total_images_per_s", 2] / v["total_images_per_s", 1])
+    assert "img/s in all" in out.stdout
+
+
+def test_projection_from_the_packing_runs(packing):
+    tmp, _, _ = packing
+    out = script("project.py", tmp / "runs" / "plain-k1", "--speed", tmp / "speed" / "packing-cpu.parquet",
+                 "--cpus", "1", "--out", tmp / "projection.parquet", cwd=tmp)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Projected wall time" in out.stdout
     df = pd.read_parquet(tmp / "projection.parquet")
@@ -96,3 +101,26 @@ def test_first_fit_schedule():
     assert project.simulate([10, 10, 10], [0.5, 0.5, 0.5]) == 20
     assert project.simulate([10, 4, 4, 4], [0.5, 0.5, 0.5, 0.5]) == 12    # the short ones share the other half
     assert project.simulate([], []) == 0
+
+
+def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("grid", ROOT / "benchmarks" / "grid.py")
+        grid = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(grid)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    pd.DataFrame([dict(measure="total_images_per_s", label=label, concurrency=k, value=v) for label, k, v in
+                  (("plain", 1, 100.0), ("plain", 4, 390.0), ("plain", 8, 380.0), ("mps", 8, 420.0))]
+                 + [dict(measure="trial_images_per_s", label="plain", concurrency=1, value=999.0)]
+                 ).to_parquet(tmp_path / "packing.parquet")
+    assert grid.best_packing(str(tmp_path / "packing.parquet")) == ("mps", 8)
+    assert grid.best_packing(str(tmp_path / "missing.parquet")) == ("plain", 1)
+    args = grid.parse(["--data-dir", str(tmp_path)])
+    trials = grid.trials(args, 8)
+    assert len(trials) == 51 and not any(t.suite == "pretrained" for t in trials)
+    assert {t.config.model for t in trials[:2]} == {"alexnet", "resnet18"}
+    assert all(t.gpus_per_trial == 0.5 for t in trials[:2]) and all(t.gpus_per_trial == 1 / 8 for t in trials[2:])
+    assert [t.suite for t in trials[2:]] == ["cifar10"] * 9 + ["mnist"] * 40    # 30 epochs before 10
+    assert all(t.config.epochs == {"cifar10": 30, "mnist": 10}[t.suite] for t in trials)
