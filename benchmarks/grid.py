@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import os
 import sys
 import time
 from dataclasses import replace
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout t
 from raycnn import data as data_mod
 from raycnn import results, suites
 from raycnn import tune as raytune
+from raycnn.errors import EXIT
 from throughput import device_slug, note
 
 SUITES = ("mnist", "cifar10")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                run_dir=str(run_dir), created=time.strftime("%Y-%m-%dT%H:%M:%S"), **raytune.provenance())
     results.write_parquet([row], Path(args.out) / f"grid-{slug}.parquet")
     note(f"grid: {outcome}, {ok} of {len(todo)} trials ok in {wall:.0f} s")
-    return raytune.EXIT[outcome]
+    return EXIT[outcome]
 
 
 if __name__ == "__main__":

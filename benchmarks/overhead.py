@@ -13,7 +13,6 @@ trial's model (as Tune stored it) and for every model of the bundled suites.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys

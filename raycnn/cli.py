@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import math
-import os
 import shlex
 import sys
 import time
@@ -255,7 +254,7 @@ def cmd_run(args) -> int:
 
 # ---------------------------------------------------------------- table, plot
 
-def load_runs(run_dirs: list[str]) -> "pd.DataFrame":
+def load_runs(run_dirs: list[str]):
     """The trial rows of the given run folders, laid together by `tables.combine`'s rule."""
     return tables.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
 

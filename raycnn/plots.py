@@ -83,7 +83,6 @@ def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     the table; tables without epoch rows are skipped. Returns the written paths in table order."""
     trials, epochs = load_run(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
-    paths = []
     found = table_curves(trials, epochs)
     return [_plot_table(table, curves, out_dir / f"{slug}.png")
             for (table, curves), slug in zip(found, slugs([t for t, _ in found]))]

@@ -37,8 +37,7 @@ from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
 from raycnn import cluster
-from raycnn import data as data_mod
-from raycnn.errors import EXIT, NodeDied, RunError   # noqa: F401  (EXIT: the outcomes' exit codes)
+from raycnn.errors import NodeDied, RunError
 from raycnn.experiment import experiment_dir, summary, write_results
 from raycnn.lock import RunLock
 from raycnn.provenance import provenance
