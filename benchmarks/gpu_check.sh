@@ -16,10 +16,10 @@
 #   bash benchmarks/gpu_check.sh             # there, in the repo root copied with .device/
 #   bash benchmarks/gpu_check.sh --dry-run   # here: the device half on the CPU, synthetic and tiny,
 #                                            # with this machine's Python and Ray (PYTHON=...)
-# On a lent device machine: carry [".device"], timeout about 540 s.
+# On the GPU machine: copy the repository with .device/ (under 64 MiB in all); one call of about 540 s.
 #
-# .device/ holds ray-site.tar.xz (Ray Core + Tune for cp312, from ../shared/gpu-kit/make_ray_bundle.sh),
-# data.npz and datapack.py (the real MNIST and CIFAR-10, ../shared/gpu-kit/datapack.py) and pylib/
+# .device/ holds ray-site.tar.xz (Ray Core + Tune for cp312, from the GPU kit's make_ray_bundle.sh),
+# data.npz and datapack.py (the real MNIST and CIFAR-10, from the kit's datapack.py) and pylib/
 # (rich and its pure-Python dependencies, absent from that image). Outputs: results/speed/
 # throughput-<gpu>.parquet, packing-<gpu>.parquet, grid-<gpu>.parquet, gpu-check.log, and the grid's
 # run folder results/grid-<gpu>/ (its Parquet files; Tune's folder there is git-ignored).
@@ -57,7 +57,7 @@ check_size() {
 prepare() {
   # Each part is built once; delete it (or pass --force to the kit's script) to rebuild.
   local kit=${GPU_KIT:-} py=${PYTHON:-python3} d
-  # The kit sits in shared/ beside the repository (or beside the folder of its worktrees).
+  # The GPU kit: $GPU_KIT, else a shared/gpu-kit folder beside the repository (or its worktrees).
   [ -n "$kit" ] || for d in ../shared/gpu-kit ../../shared/gpu-kit; do [ -d "$d" ] && kit=$(cd "$d" && pwd) && break; done
   kit=${kit:-../shared/gpu-kit}
   [ -d "$kit" ] || { echo "gpu_check: no GPU kit at $kit (set GPU_KIT)" >&2; return 2; }

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The runs behind results/ and the README's tables, on a machine like this project's (2 CPU cores,
-# no GPU; about five hours, two trials at a time). Usage: benchmarks/reproduce.sh [DATA_DIR] [RESULTS_DIR]
+# The runs behind results/ and the README's tables (about five hours on a 2-core CPU machine
+# without a GPU, two trials at a time). Usage: benchmarks/reproduce.sh [DATA_DIR] [RESULTS_DIR]
 # An interrupted run continues with the same command plus --name RUN --resume (raycnn prints it).
 set -euo pipefail
 data=${1:-data}
 out=${2:-my-results}     # results/ holds the committed runs, and raycnn never overwrites a run
 raycnn=${RAYCNN:-raycnn}
 if [ ! -d "$data/MNIST" ] && [ -f ../shared/data/prepare.py ]; then
-  python ../shared/data/prepare.py "$data"       # this project's offline copy of MNIST and CIFAR-10
+  python ../shared/data/prepare.py "$data"       # an offline copy beside the repository; else raycnn downloads
 fi
 # Sec. 4: the nine hand-built CIFAR-10 trials at the report's 30 epochs.
 $raycnn run cifar10 --filter 'cifar10/base/*' --filter 'cifar10/augment/*' --filter 'cifar10/dropout/*' \
