@@ -7,6 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+from raycnn import trainer
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -63,3 +66,29 @@ def timeless(history: list[dict]) -> list[dict]:
     nan_free = lambda v: None if isinstance(v, float) and math.isnan(v) else v
     return [{k: nan_free(v) for k, v in m.items() if k not in ("seconds", "images_per_s", "peak_mem_mb")}
             for m in history]
+
+
+class Interrupt(Exception):
+    """Stands for a crash: raised from `report` after an epoch's checkpoint was written."""
+
+
+def whole_and_resumed(config, arrays, tmp_path) -> tuple[dict, dict]:
+    """(an uninterrupted fit, the same fit stopped after epoch 1 and resumed from its checkpoint),
+    both with their last checkpoint's model weights under "weights"."""
+    whole = trainer.fit(config, checkpoint_dir=tmp_path / "whole", arrays=arrays)
+
+    def stop_after_first(metrics, _):
+        if metrics["epoch"] == 1:
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=arrays)
+    resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=arrays)
+    for result, folder in ((whole, "whole"), (resumed, "cut")):
+        result["weights"] = torch.load(tmp_path / folder / "state.pt", weights_only=False)["model"]
+    return whole, resumed
+
+
+def assert_same_training(whole: dict, resumed: dict) -> None:
+    """A resumed fit ends exactly as the uninterrupted one: same history, same weights."""
+    assert timeless(resumed["history"]) == timeless(whole["history"])
+    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycnn import cli, results, tables
+from raycnn import cli, results
 from raycnn.errors import EXIT
 
 TINY = """
@@ -163,7 +163,6 @@ def test_run_filter_repeats_table_plot_resume(tmp_path, suite_file):
     assert plot.returncode == 0 and len(pngs) == 1 and pngs[0].stat().st_size > 1000
 
     # --resume of a finished run trains nothing and leaves the rows as they were.
-    before = (run / "trials.parquet").read_bytes(), (run / "epochs.parquet").read_bytes()
     again = raycnn("run", suite_file, "--synthetic", "--filter", "tiny/*/flat", "--filter", "tiny/adam/step",
                    "--repeats", "2", "--results-dir", res, "--name", "r1", "--num-cpus", "2", "--resume")
     assert again.returncode == 0, again.stderr[-3000:]

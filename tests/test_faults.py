@@ -415,7 +415,6 @@ def test_interrupt_and_resume(interrupted, tmp_path):
         assert list(epochs_of(epochs, t["name"]).epoch) == list(range(1, t.epochs + 1)), t["name"]
     assert not epochs.duplicated(["name", "repeat", "epoch"]).any()
     # Finished trials: untouched by both resumes.
-    key = ["name", "repeat", "epoch"]
     for name_ in done:
         pd.testing.assert_frame_equal(trials[trials.name == name_].reset_index(drop=True),
                                       trials1[trials1.name == name_].reset_index(drop=True))

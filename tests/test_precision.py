@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import timeless
+from conftest import assert_same_training, whole_and_resumed
 from raycnn import data, trainer
 from raycnn.trainer import TrainConfig
 
@@ -46,34 +46,13 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-class Interrupt(Exception):
-    pass
-
-
-def whole_and_resumed(config: TrainConfig, arrays: data.Arrays, tmp_path) -> tuple[dict, dict]:
-    """(an uninterrupted fit, the same fit stopped after epoch 1 and resumed from its checkpoint),
-    both with their last checkpoint's model weights under "weights"."""
-    whole = trainer.fit(config, checkpoint_dir=tmp_path / "whole", arrays=arrays)
-
-    def stop_after_first(metrics, _):
-        if metrics["epoch"] == 1:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=arrays)
-    resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=arrays)
-    for result, folder in ((whole, "whole"), (resumed, "cut")):
-        result["weights"] = torch.load(tmp_path / folder / "state.pt", weights_only=False)["model"]
-    return whole, resumed
-
-
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_on_cpu_learns_and_resumes_exactly(tmp_path, precision):
     whole, resumed = whole_and_resumed(cfg(precision=precision), CIFAR, tmp_path)
     assert whole["precision"] == precision and whole["status"] == "ok"
     assert all(math.isfinite(m["train_loss"]) for m in whole["history"])
     assert whole["final_test_acc"] > 0.2, whole["final_test_acc"]          # chance is 0.1
-    assert timeless(resumed["history"]) == timeless(whole["history"])
-    assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
+    assert_same_training(whole, resumed)
 
 
 def test_fp16_scales_the_loss_on_cpu(tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raycnn import plots, results, tables
+from raycnn import results, tables
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

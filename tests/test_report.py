@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from raycnn import cli, plots, report, results, tables
+from raycnn import cli, plots, report, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"

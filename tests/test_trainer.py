@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from conftest import timeless
+from conftest import assert_same_training, whole_and_resumed
 from raycnn import data, trainer
 from raycnn.trainer import ConfigError, TrainConfig
 
@@ -44,26 +44,10 @@ def test_report_and_checkpoint_each_epoch(tmp_path):
     assert not list(tmp_path.glob(".*tmp"))                     # the atomic write left no temp file
 
 
-class Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("extra", [{}, {"model": "mnist_dropout", "optimizer": "adam", "lr": 0.001}])
 def test_resume_is_exact(tmp_path, extra):
     config = cfg(epochs=3, **extra)
-    whole = trainer.fit(config, checkpoint_dir=tmp_path / "whole", arrays=MNIST)
-
-    def stop_after_first(metrics, _):
-        if metrics["epoch"] == 1:
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        trainer.fit(config, report=stop_after_first, checkpoint_dir=tmp_path / "cut", arrays=MNIST)
-    resumed = trainer.fit(config, checkpoint=tmp_path / "cut", checkpoint_dir=tmp_path / "cut", arrays=MNIST)
-
-    assert timeless(resumed["history"]) == timeless(whole["history"])
-    a = torch.load(tmp_path / "whole/state.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut/state.pt", weights_only=False)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_training(*whole_and_resumed(config, MNIST, tmp_path))
 
 
 def test_resume_of_a_finished_run_trains_nothing(tmp_path):
