@@ -138,7 +138,8 @@ class ResultsCallback(tune.Callback):
     holds nothing: the run folder (which may have moved since) and the live view (a rich
     object) are the running driver's, looked up in ACTIVE, which `run_trials` fills."""
 
-    WAIT_S = 30.0      # how long trials may wait for resources before the view says so
+    # How long trials may wait for resources before the view says so (tests shorten it).
+    WAIT_S = float(os.environ.get("RAYCNN_WAIT_NOTICE_S", "30"))
 
     def _show(self, trial, result: dict, method: str = "update") -> None:
         view = ACTIVE.get("view")

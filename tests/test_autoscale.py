@@ -120,10 +120,14 @@ def test_workers_start_from_zero_for_the_trials(tmp_path, simulator):
     suite.write_text(SUITE)
     res = tmp_path / "results"
 
-    out = raycnn("run", suite, "--synthetic", "--address", address, "--results-dir", res, "--name", "auto", env=env)
+    # Workers start from zero, so the trials wait: the live view must say so (after 1 s here, not 30).
+    out = raycnn("run", suite, "--synthetic", "--address", address, "--results-dir", res, "--name", "auto",
+                 env={**env, "RAYCNN_WAIT_NOTICE_S": "1"})
 
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr and "more than any node" not in out.stderr
+    waiting = [l for l in out.stderr.splitlines() if "waiting for resources" in l]
+    assert waiting and "each needs 1 CPU + 0.5 GPU" in waiting[0], out.stderr[-3000:]
     assert [p.name for p in res.iterdir()] == ["auto"]                # one results folder
     trials, epochs = results.load_run(res / "auto")
     assert len(trials) == 3 and set(trials.status) == {"ok"} and len(epochs) == 6
