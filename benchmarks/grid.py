@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout t
 from raycnn import data as data_mod
 from raycnn import results, suites
 from raycnn import tune as raytune
+from raycnn.provenance import provenance
 from raycnn.errors import EXIT
 from throughput import device_slug, note
 
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     row = dict(device=slug, device_name=name, measure="grid_wall_s", value=wall, trials=len(todo), ok=ok,
                per_device=k, label=label, outcome=outcome, epochs=args.epochs,
                max_train_samples=args.max_train_samples, data="synthetic" if args.synthetic else "real",
-               run_dir=str(run_dir), created=time.strftime("%Y-%m-%dT%H:%M:%S"), **raytune.provenance())
+               run_dir=str(run_dir), created=time.strftime("%Y-%m-%dT%H:%M:%S"), **provenance())
     results.write_parquet([row], Path(args.out) / f"grid-{slug}.parquet")
     note(f"grid: {outcome}, {ok} of {len(todo)} trials ok in {wall:.0f} s")
     return EXIT[outcome]

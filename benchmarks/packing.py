@@ -41,6 +41,7 @@ from rich.table import Table
 
 from raycnn import results, suites
 from raycnn import tune as raytune
+from raycnn.provenance import provenance
 from throughput import device_slug, note
 
 console = Console()
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.keep_runs or tempfile.mkdtemp(prefix="raycnn-packing-")).resolve()
     base = dict(device=slug, device_name=name, label=args.label, model=t.config.model, images=args.trial_images,
                 epochs=args.epochs, data="synthetic" if args.synthetic else "real",
-                created=time.strftime("%Y-%m-%dT%H:%M:%S"), **raytune.provenance())
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"), **provenance())
     rows, per_trial = [], {}
     try:
         for k in args.concurrency:

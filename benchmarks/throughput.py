@@ -49,7 +49,7 @@ from rich.table import Table
 
 from raycnn import data as data_mod
 from raycnn import models, results
-from raycnn import tune as raytune
+from raycnn.provenance import provenance
 from raycnn.trainer import TrainConfig, build_training, resolve_precision, train_one_epoch
 
 console = Console()
@@ -284,7 +284,7 @@ def base_row(args, device: torch.device) -> dict:
     return dict(device=slug, device_name=name, measure="", model="", variant="", value=float("nan"), rep=0,
                 ratio=float("nan"), images=0, batch_size=BATCH, threads=args.threads, num_workers=0,
                 precision="", data="synthetic", quick=args.quick, reps=args.reps,
-                created=time.strftime("%Y-%m-%dT%H:%M:%S"), load_1min=float("nan"), **raytune.provenance())
+                created=time.strftime("%Y-%m-%dT%H:%M:%S"), load_1min=float("nan"), **provenance())
 
 
 def main(argv: list[str] | None = None) -> int:
