@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from raycnn import plots, report, results, screen, suites, tables
+from raycnn import epoch_progress, plots, report, results, screen, suites, tables
 from raycnn.errors import EXIT, UserError
 from raycnn.live import LiveView
 from raycnn.data import DataError
@@ -227,7 +227,8 @@ def cmd_run(args) -> int:
                                   gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
                                   max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
                                   num_cpus=args.num_cpus, num_gpus=args.num_gpus, log=args.log)
-        view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}")
+        view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}",
+                        progress_dir=epoch_progress.folder(run_dir))
         outcome = raytune.run_trials(trials, opts, view=view)
     except KeyboardInterrupt:
         if raytune is None or not (run_dir / "tune").exists():   # before any trial: nothing to resume

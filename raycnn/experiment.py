@@ -22,6 +22,11 @@ def experiment_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "tune" / "experiment"
 
 
+def trial_folder(meta: dict) -> str:
+    """The folder name of a trial (its `trial` param: order, name, repeat) in the experiment."""
+    return f"{meta['order']:03d}-{meta['name'].replace('/', '-')}-r{meta['repeat']}"
+
+
 def summary(error: str, limit: int = 200) -> str:
     """The first sentence of an error line, at most `limit` characters (Ray's run on)."""
     first = re.split(r"(?<=\.)\s", error.strip(), maxsplit=1)[0]

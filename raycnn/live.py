@@ -1,24 +1,32 @@
 """The console view of a running suite: one row per running or recent trial, with its epoch,
-test accuracy, images/s and ETA, redrawn in place on a terminal; elsewhere a line per trial end.
-`raycnn.tune` calls it (start, update, restarting, failed, warn, stop); it never imports Ray."""
+the batches done in the current epoch, test accuracy, images/s and ETA, redrawn in place on a
+terminal; elsewhere a line per trial end. `raycnn.tune` calls it (start, update, restarting,
+failed, warn, stop); it never imports Ray."""
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from raycnn import epoch_progress
+from raycnn.experiment import trial_folder
+
 
 class LiveView:
     """The console view of a run: one row per running or recent trial, with epoch, accuracy,
-    images/s and ETA. On a terminal it redraws in place; elsewhere it prints a line per trial end."""
+    images/s and ETA. On a terminal it redraws in place, and a running trial's row shows its
+    batches done in the epoch and its current images/s from the files in `progress_dir`
+    (`raycnn.epoch_progress`); elsewhere it prints a line per trial end."""
 
     ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
 
-    def __init__(self, console: Console, max_rows: int = 24, header: str = ""):
+    def __init__(self, console: Console, max_rows: int = 24, header: str = "", progress_dir: str | Path = ""):
         self.console, self.max_rows, self.rows, self.live, self.header = console, max_rows, {}, None, header
+        self.progress_dir = Path(progress_dir) if progress_dir else None
 
     def warn(self, message: str) -> None:
         """A line the user must see (above the live table on a terminal)."""
@@ -43,7 +51,9 @@ class LiveView:
         self.concurrency = 1
         self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
                                                 "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0,
-                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan}
+                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan,
+                                                "folder": trial_folder(p), "batch_size": p["config"]["batch_size"],
+                                                "inside": None}
                      for p in params}
         if self.console.is_terminal:
             # Live(self): each refresh calls __rich__, so elapsed time and ETA tick between epochs.
@@ -63,17 +73,41 @@ class LiveView:
             self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
                                f"test acc {100 * row['acc']:.2f}%")
 
+    def _inside(self, row: dict) -> dict | None:
+        """The running trial's progress inside its current epoch, if it wrote any."""
+        if self.progress_dir is None or row["status"] != "running":
+            return None
+        record = epoch_progress.read(self.progress_dir / f"{row['folder']}.json")
+        # A file is removed when its trial ends or restarts, so a later epoch than the row's last
+        # is the current one (also when a resumed run's rows have not heard of earlier epochs).
+        return record if record and record.get("epoch", 0) > row["epoch"] else None
+
+    @staticmethod
+    def _epoch_s(row: dict) -> float:
+        """Seconds per epoch: the last epoch's, else the current epoch's training rate."""
+        inside = row["inside"]
+        if math.isfinite(row["epoch_s"]) or not inside or not inside["images_per_s"] > 0:
+            return row["epoch_s"]
+        return inside["steps"] * row["batch_size"] / inside["images_per_s"]
+
+    @classmethod
+    def _left(cls, row: dict, per_epoch: float) -> float:
+        """Seconds left in a trial at `per_epoch` seconds an epoch, less the current epoch's done part."""
+        inside = row["inside"]
+        done = inside["epoch"] - 1 + inside["step"] / inside["steps"] if inside else row["epoch"]
+        return (row["epochs"] - done) * per_epoch
+
     def eta(self) -> float:
         """Seconds left: the running trials' remaining epochs plus the pending trials at the mean
         trial time seen so far, spread over the trials running at once."""
         rows = list(self.rows.values())
         running = [r for r in rows if r["status"] == "running"]
         self.concurrency = max(self.concurrency, len(running))
-        per_epoch = [r["epoch_s"] for r in rows if math.isfinite(r["epoch_s"])]
+        per_epoch = [self._epoch_s(r) for r in rows if math.isfinite(self._epoch_s(r))]
         if not per_epoch:
             return math.nan
         mean = sum(per_epoch) / len(per_epoch)
-        left = sum((r["epochs"] - r["epoch"]) * (r["epoch_s"] if math.isfinite(r["epoch_s"]) else mean)
+        left = sum(self._left(r, self._epoch_s(r) if math.isfinite(self._epoch_s(r)) else mean)
                    for r in rows if r["status"] in ("running", "pending"))
         return left / self.concurrency
 
@@ -81,16 +115,20 @@ class LiveView:
         counts = {}
         for r in self.rows.values():
             counts[r["status"]] = counts.get(r["status"], 0) + 1
+            r["inside"] = self._inside(r)
         eta = self.eta()
         title = " ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
             f"  elapsed {time.time() - self.started:.0f}s" + (f"  ETA {eta:.0f}s" if math.isfinite(eta) else "")
-        table = Table("trial", "status", "epoch", "test acc", "img/s", "ETA", title=title)
+        table = Table("trial", "status", "epoch", "batch", "test acc", "img/s", "ETA", title=title)
         shown = sorted(self.rows.values(), key=lambda r: self.ORDER.get(r["status"], 5))[:self.max_rows]
         for r in shown:
-            left = (r["epochs"] - r["epoch"]) * r["epoch_s"] if r["status"] == "running" else math.nan
+            inside = r["inside"]
+            left = self._left(r, self._epoch_s(r)) if r["status"] == "running" else math.nan
+            ips = inside["images_per_s"] if inside else r["ips"]    # the current rate while an epoch runs
             table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}",
+                          f"{inside['step']}/{inside['steps']}" if inside else "",
                           "" if math.isnan(r["acc"]) else f"{100 * r['acc']:.2f}%",
-                          "" if math.isnan(r["ips"]) else f"{r['ips']:.0f}",
+                          "" if not math.isfinite(ips) else f"{ips:.0f}",
                           "" if math.isnan(left) else f"{left:.0f}s")
         return table
 

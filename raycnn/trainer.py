@@ -296,8 +296,10 @@ def _layout(training: Training, x: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if training.device.type == "cuda" else x
 
 
-def train_one_epoch(training: Training) -> tuple[float, float, float]:
-    """One pass over the training split; returns (loss, accuracy, images/s)."""
+def train_one_epoch(training: Training, on_step: Callable[[int, int], None] | None = None
+                    ) -> tuple[float, float, float]:
+    """One pass over the training split; returns (loss, accuracy, images/s). `on_step(step,
+    steps)` is called after each optimizer step with host-side counts only (no device sync)."""
     c, d = training.config, training.data
     models.set_train_mode(training.model, c.finetune)
     n = len(d.train_y)
@@ -305,8 +307,9 @@ def train_one_epoch(training: Training) -> tuple[float, float, float]:
     perm = torch.randperm(len(d.train_y), device=training.device, generator=training.g)
     loss_sum = torch.zeros((), device=training.device)
     correct = torch.zeros((), device=training.device, dtype=torch.long)
+    steps = -(-n // c.batch_size)
     start = time.perf_counter()
-    for i in range(0, n, c.batch_size):
+    for step, i in enumerate(range(0, n, c.batch_size), 1):
         idx = perm[i:min(i + c.batch_size, n)]
         x = _layout(training, training.pipeline(d.train_x[idx], train=True, g=training.g, order_g=training.order_g))
         y = d.train_y[idx]
@@ -319,6 +322,8 @@ def train_one_epoch(training: Training) -> tuple[float, float, float]:
         training.scaler.update()
         loss_sum += loss.detach() * len(idx)
         correct += (out.argmax(1) == y).sum()
+        if on_step is not None:
+            on_step(step, steps)
     loss_value, acc = loss_sum.item() / n, correct.item() / n   # the epoch's one sync
     return loss_value, acc, n / (time.perf_counter() - start)
 
@@ -464,7 +469,7 @@ def save_best(training: Training, epoch: int, directory: str | Path) -> Path:
 
 def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None = None,
         checkpoint: str | Path | None = None, checkpoint_dir: str | Path | None = None,
-        arrays: data_mod.Arrays | None = None) -> dict:
+        arrays: data_mod.Arrays | None = None, on_batch: Callable[[int, int, int], None] | None = None) -> dict:
     """Train `config` to the end and return a summary (see `summarize`).
 
     After each epoch the metrics dict (epoch, train/test/val loss and accuracy, the learning
@@ -481,6 +486,9 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     Reported metrics also carry `resumed` (this call continued from `checkpoint`) and, on the
     first epoch after an unreadable `checkpoint` made the training start over, `warning` saying so;
     neither goes into the history, which stays the same whether or not the training was resumed.
+
+    `on_batch(epoch, step, steps)` hears of every optimizer step inside an epoch (epoch counts
+    from 1), without a device sync: for progress inside long epochs (`raycnn.epoch_progress`).
     """
     config.validate()
     reset_peak_memory(resolve_device(config.device))     # this trial's peak, not its process's
@@ -502,10 +510,12 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     while status == "running" and progress["epoch"] < config.epochs:
         start = time.perf_counter()
         rates = learning_rates(training)          # the rates this epoch trains with, before the step
-        train = train_one_epoch(training)
+        epoch = progress["epoch"] + 1
+        on_step = (lambda step, steps: on_batch(epoch, step, steps)) if on_batch else None
+        train = train_one_epoch(training, on_step)
         test, val = evaluate(training), evaluate(training, "val")
         training.scheduler.step()
-        epoch = progress["epoch"] = progress["epoch"] + 1
+        progress["epoch"] = epoch
         chosen = val[1] if config.val_fraction else test[1]
         better = chosen > progress["best_acc"]
         progress["best_acc"] = max(progress["best_acc"], chosen)

@@ -15,6 +15,8 @@ import ray
 from ray import tune
 
 from raycnn import data as data_mod
+from raycnn.epoch_progress import ProgressFile
+from raycnn.experiment import trial_folder
 from raycnn.trainer import TrainConfig, fit
 
 
@@ -28,8 +30,9 @@ def weights_key(path: str) -> str:
     return f"weights:{path}"
 
 
-def trainable(param: dict, **shipped) -> None:
-    """One trial: fit the config, reporting each epoch with its checkpoint to Tune."""
+def trainable(param: dict, progress_dir: str = "", **shipped) -> None:
+    """One trial: fit the config, reporting each epoch with its checkpoint to Tune, and its
+    progress inside each epoch to a file in `progress_dir` (for the live view)."""
     meta = param["trial"]
     config = TrainConfig.from_dict(meta["config"])
     arrays = data_mod.subset(shipped[data_key(config)], config.max_train_samples)
@@ -51,4 +54,10 @@ def trainable(param: dict, **shipped) -> None:
                 metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
             tune.report({"resumed": False, **metrics, **where}, checkpoint=ckpt)
 
-        fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays)
+        on_batch = ProgressFile(Path(progress_dir) / f"{trial_folder(meta)}.json", config.batch_size)
+        on_batch.remove()     # a restarted trial's old file is not its progress
+        try:
+            fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays,
+                on_batch=on_batch)
+        finally:
+            on_batch.remove()

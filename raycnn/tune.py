@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import logging
+import shutil
 import signal
 import sys
 import time
@@ -36,12 +37,11 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from raycnn import cluster
+from raycnn import cluster, epoch_progress, ray_trackers
 from raycnn.errors import NodeDied, RunError
-from raycnn.experiment import experiment_dir, summary, write_results
+from raycnn.experiment import experiment_dir, summary, trial_folder, write_results
 from raycnn.lock import RunLock
 from raycnn.provenance import provenance
-from raycnn import ray_trackers
 from raycnn.suites import Trial
 from raycnn.trainer import TrainConfig, load_arrays
 from raycnn.trial import data_key, trainable, weights_key
@@ -109,13 +109,14 @@ def _resources(param: dict) -> tune.PlacementGroupFactory:
 
 
 def _dirname(trial) -> str:
-    t = trial.config["trial"]
-    return f"{t['order']:03d}-{t['name'].replace('/', '-')}-r{t['repeat']}"
+    return trial_folder(trial.config["trial"])
 
 
 def tuner(params: list[dict], opts: RunOptions, callbacks: list, objects: dict) -> tune.Tuner:
     """A new Tuner for `params`, or the restored one of opts.run_dir when resuming."""
-    fn = tune.with_resources(tune.with_parameters(trainable, **objects), _resources)
+    # The progress folder is the running driver's (a resumed run folder may have moved).
+    fn = tune.with_resources(tune.with_parameters(trainable, progress_dir=str(epoch_progress.folder(opts.run_dir)),
+                                                  **objects), _resources)
     exp = experiment_dir(opts.run_dir)
     if opts.resume:
         return tune.Tuner.restore(str(exp), fn, resume_unfinished=True, resume_errored=True)
@@ -269,6 +270,8 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
         except RunError:          # a run that cannot start leaves nothing behind
             (Path(opts.run_dir) / RAY_LOG).unlink(missing_ok=True)
             raise
+        # No trial runs now; what a killed one left is not progress of anything.
+        shutil.rmtree(epoch_progress.folder(opts.run_dir), ignore_errors=True)
         with phase(opts.timings, "write results"):
             trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows]
