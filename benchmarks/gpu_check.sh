@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU check in one call on an offline GPU machine (CPython 3.12 with torch, no Ray, no network):
-#   1. benchmarks/throughput.py on CUDA: the raycnn trainer against the naive loop (images/s, ratio);
+#   1. benchmarks/throughput.py on CUDA: the raycnn trainer against the naive loop (images/s, ratio),
+#      and benchmarks/layout.py: a training step of each network in NCHW against channels_last;
 #   2. benchmarks/packing.py: total images/s at 1, 2, 4, 8 trials per GPU (again under CUDA MPS
 #      where nvidia-cuda-mps-control exists: started before Ray, stopped after);
 #   3. benchmarks/grid.py: the 40 MNIST + 11 CIFAR-10 trials at the report's epochs on the real
 #      data, longest first, at step 2's best packing (the 8 pretrained trials are left out: they
 #      need ImageNet weights, which that machine cannot download);
 #   4. throughput.py again with torch.compile, in what time is left.
-# GPU_CHECK_SKIP=throughput,packing,... leaves steps out (e.g. a second call for the grid alone).
+# GPU_CHECK_SKIP=throughput,layout,packing,... leaves steps out (e.g. a second call for the grid alone).
 # Each step has its own time limit inside GPU_CHECK_BUDGET_S; after every step (and every 20 s of
 # the grid) the figures are copied to $OUT, so a run cut short still returns them.
 #
@@ -21,7 +22,7 @@
 # .device/ holds ray-site.tar.xz (Ray Core + Tune for cp312, from the GPU kit's make_ray_bundle.sh),
 # data.npz and datapack.py (the real MNIST and CIFAR-10, from the kit's datapack.py) and pylib/
 # (rich and its pure-Python dependencies, absent from that image). Outputs: results/speed/
-# throughput-<gpu>.parquet, packing-<gpu>.parquet, grid-<gpu>.parquet, gpu-check.log, and the grid's
+# throughput-<gpu>.parquet, layout-<gpu>.parquet, packing-<gpu>.parquet, grid-<gpu>.parquet, gpu-check.log, and the grid's
 # run folder results/grid-<gpu>/ (its Parquet files; Tune's folder there is git-ignored).
 set -uo pipefail      # no -e: a failed step must not hide the numbers of the next ones
 cd "$(dirname "$0")/.."
@@ -119,7 +120,7 @@ setup_env() {
       else "no GPU", "x", torch.cuda.device_count())'
 }
 
-wanted() {   # wanted STEP: not named in GPU_CHECK_SKIP (comma-separated: throughput,packing,mps,grid,compile)
+wanted() {   # wanted STEP: not named in GPU_CHECK_SKIP (comma-separated: throughput,layout,packing,mps,grid,compile)
   [[ ",${GPU_CHECK_SKIP:-}," != *",$1,"* ]]
 }
 
@@ -134,14 +135,16 @@ main() {
   setup_env || return 1
   local rc=0 label k copier
   # Per step: (dry run on the CPU | the real thing on CUDA).
-  local tp=(--device cuda --data-dir "$DATA") pk=(--device cuda --data-dir "$DATA") gr=(--device cuda --data-dir "$DATA")
+  local tp=(--device cuda --data-dir "$DATA") ly=(--device cuda) pk=(--device cuda --data-dir "$DATA") gr=(--device cuda --data-dir "$DATA")
   if ((DRY)); then
     tp=(--device cpu --quick --models mnist_base,cifar_base)
+    ly=(--device cpu --quick --models mnist_base,cifar_base --reps 1)
     pk=(--device cpu --synthetic --trial-images 128 --epochs 1 --concurrency 1,2)
     gr=(--device cpu --synthetic --epochs 1 --max-train-samples 64 --num-cpus 2 --max-failures 0
         --filter 'mnist/base/sgd/*' --filter 'cifar10/base/*')
   fi
   wanted throughput && { step 120 "$PY" benchmarks/throughput.py "${tp[@]}" --out "$RES/speed" || rc=1; }
+  wanted layout && { step 60 "$PY" benchmarks/layout.py "${ly[@]}" --out "$RES/speed" || rc=1; }
   wanted packing && { step 150 "$PY" benchmarks/packing.py "${pk[@]}" --out "$RES/speed" || rc=1; }
   if ((!DRY)) && wanted mps && command -v nvidia-cuda-mps-control >/dev/null; then
     # The densest packing only: MPS matters where many processes share the GPU.

@@ -124,3 +124,17 @@ def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
     assert all(t.gpus_per_trial == 0.5 for t in trials[:2]) and all(t.gpus_per_trial == 1 / 8 for t in trials[2:])
     assert [t.suite for t in trials[2:]] == ["cifar10"] * 9 + ["mnist"] * 40    # 30 epochs before 10
     assert all(t.config.epochs == {"cifar10": 30, "mnist": 10}[t.suite] for t in trials)
+
+
+def test_layout_both_formats_alternating(tmp_path):
+    out = script("layout.py", "--quick", "--models", "mnist_base,cifar_base", "--reps", "2", "--out", tmp_path,
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "layout-cpu.parquet")
+    for col in ("device", "model", "layout", "ms_per_step", "rep", "ratio", "steps", "threads", *PROVENANCE):
+        assert col in df.columns, col
+    assert len(df) == 2 * 2 * 2 and (df.ms_per_step > 0).all()
+    for _, g in df.groupby(["model", "rep"]):
+        v = g.set_index("layout")
+        assert v.loc["channels_last", "ratio"] == pytest.approx(v.loc["nchw", "ms_per_step"] / v.loc["channels_last", "ms_per_step"])
+    assert "NCHW / channels_last" in out.stdout

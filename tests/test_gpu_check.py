@@ -59,6 +59,8 @@ def test_dry_run_of_the_device_half(tmp_path):
     speed = out_dir / "results" / "speed"
     throughput = pd.read_parquet(speed / "throughput-cpu.parquet")
     assert {"naive-w0", "raycnn"} <= set(throughput.variant)
+    layout = pd.read_parquet(speed / "layout-cpu.parquet")
+    assert set(layout.layout) == {"nchw", "channels_last"} and set(layout.model) == {"mnist_base", "cifar_base"}
     packing = pd.read_parquet(speed / "packing-cpu.parquet")
     assert sorted(packing.concurrency.unique()) == [1, 2]
     grid = pd.read_parquet(speed / "grid-cpu.parquet").iloc[0]
@@ -73,7 +75,7 @@ def test_dry_run_of_the_device_half(tmp_path):
 
 def test_skipped_steps_do_not_run(tmp_path):
     run = gpu_check("--dry-run", OUT=tmp_path / "out", GPU_CHECK_RESULTS=tmp_path / "results",
-                    GPU_CHECK_SKIP="throughput,packing,grid,compile", timeout=300)
+                    GPU_CHECK_SKIP="throughput,layout,packing,grid,compile", timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "== done" in run.stdout and "benchmarks/" not in run.stdout     # no step started
     assert (tmp_path / "out" / "results" / "speed" / "gpu-check.log").is_file()

@@ -207,3 +207,21 @@ def test_from_dict_checks_types():
     for bad in ({"epochs": "ten"}, {"epochs": True}, {"lr": "0.1"}, {"augment": "crop"}):
         with pytest.raises(ConfigError, match="must be"):
             TrainConfig.from_dict(bad)
+
+
+@pytest.mark.parametrize("model, device, want", [
+    ("cifar_base", "cpu", torch.channels_last), ("mnist_base", "cpu", torch.channels_last),
+    ("resnet18", "cpu", torch.contiguous_format), ("alexnet", "cpu", torch.contiguous_format),
+    ("resnet18", "cuda", torch.channels_last), ("mnist_base", "cuda", torch.channels_last)])
+def test_memory_format_per_model_and_device(model, device, want):
+    # benchmarks/layout.py's figures: channels_last wherever it trains faster
+    assert trainer.memory_format(model, torch.device(device)) == want
+
+
+def test_weights_and_inputs_share_the_layout():
+    training = trainer.build_training(cfg(model="cifar_base", augment=("flip",)), CIFAR)
+    assert training.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    training.model.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    trainer.train_one_epoch(training)
+    assert seen and all(x.is_contiguous(memory_format=torch.channels_last) for x in seen)
