@@ -34,7 +34,7 @@ class ProgressFile:
 
     def __init__(self, path: str | Path, batch_size: int, every_s: float = EVERY_S, clock=time.monotonic):
         self.path, self.batch_size, self.every_s, self.clock = Path(path), batch_size, every_s, clock
-        self.epoch, self.since = None, (0.0, 0)       # (time, step) of the last write or epoch start
+        self.epoch, self.since, self.wrote = None, (0.0, 0), False   # since: (time, step) of the last write or epoch start
 
     def __call__(self, epoch: int, step: int, steps: int) -> None:
         now = self.clock()
@@ -58,7 +58,10 @@ class ProgressFile:
 
     def remove(self) -> None:
         """The trial ended (or starts afresh): no progress of it is current."""
-        self.path.unlink(missing_ok=True)
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:    # as in _write: never a reason for a trial to fail
+            pass
 
 
 def read(path: str | Path) -> dict | None:

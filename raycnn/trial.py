@@ -30,7 +30,7 @@ def weights_key(path: str) -> str:
     return f"weights:{path}"
 
 
-def trainable(param: dict, progress_dir: str = "", **shipped) -> None:
+def trainable(param: dict, progress_dir: str, **shipped) -> None:
     """One trial: fit the config, reporting each epoch with its checkpoint to Tune, and its
     progress inside each epoch to a file in `progress_dir` (for the live view)."""
     meta = param["trial"]
