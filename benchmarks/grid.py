@@ -40,7 +40,7 @@ from raycnn import results, suites
 from raycnn import tune as raytune
 from raycnn.provenance import provenance
 from raycnn.errors import EXIT
-from throughput import device_slug, note
+from throughput import device_slug, note, open_device
 
 SUITES = ("mnist", "cifar10")
 SKIPPED = {"pretrained": "needs ImageNet weights, which an offline machine cannot download"}
@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.best_packing:
         print(*best_packing(args.best_packing))
         return 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("grid: --device cuda but torch sees no GPU", file=sys.stderr)
+    device = open_device(args.device, "grid")
+    if device is None:
         return 2
-    slug, name = device_slug(torch.device(args.device))
+    slug, name = device_slug(device)
     label, k = best_packing(args.packing)
     k = args.per_device or k
     todo = trials(args, k)

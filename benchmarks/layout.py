@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 # throughput.py (beside this file) also puts the checkout on sys.path for the raycnn imports below.
-from throughput import BATCH, console, device_slug, note, spread, sync
+from throughput import BATCH, console, device_slug, note, open_device, spread, sync
 
 from raycnn import data as data_mod
 from raycnn import models, results
@@ -117,10 +117,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("layout: --device cuda but torch sees no GPU", file=sys.stderr)
+    device = open_device(args.device, "layout")
+    if device is None:
         return 2
-    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     slug, name = device_slug(device)
     base = dict(device=slug, device_name=name, batch_size=BATCH, threads=args.threads, reps=args.reps,

@@ -42,7 +42,7 @@ from rich.table import Table
 from raycnn import results, suites
 from raycnn import tune as raytune
 from raycnn.provenance import provenance
-from throughput import device_slug, note
+from throughput import device_slug, note, open_device
 
 console = Console()
 TRIAL = "cifar10/base/no-scheduler"
@@ -114,10 +114,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("packing: --device cuda but torch sees no GPU", file=sys.stderr)
+    device = open_device(args.device, "packing")
+    if device is None:
         return 2
-    device = torch.device(args.device)
     slug, name = device_slug(device)
     path = Path(args.out) / f"packing-{slug}.parquet"
     earlier = pd.read_parquet(path) if path.is_file() else pd.DataFrame({"label": []})

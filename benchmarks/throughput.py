@@ -90,6 +90,15 @@ def device_slug(device: torch.device) -> tuple[str, str]:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
 
 
+def open_device(name: str, script: str) -> torch.device | None:
+    """`--device` as a torch.device, or None after one line on stderr where CUDA is asked for
+    and torch sees no GPU (the caller exits with 2)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        print(f"{script}: --device cuda but torch sees no GPU", file=sys.stderr)
+        return None
+    return torch.device(name)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so a timer brackets only what it means to."""
     if device.type == "cuda":
@@ -289,10 +298,9 @@ def base_row(args, device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("throughput: --device cuda but torch sees no GPU", file=sys.stderr)
+    device = open_device(args.device, "throughput")
+    if device is None:
         return 2
-    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     base = base_row(args, device)
     path = Path(args.out) / f"throughput-{base['device']}.parquet"
