@@ -90,8 +90,8 @@ class LiveView:
             return row["epoch_s"]
         return inside["steps"] * row["batch_size"] / inside["images_per_s"]
 
-    @classmethod
-    def _left(cls, row: dict, per_epoch: float) -> float:
+    @staticmethod
+    def _left(row: dict, per_epoch: float) -> float:
         """Seconds left in a trial at `per_epoch` seconds an epoch, less the current epoch's done part."""
         inside = row["inside"]
         done = inside["epoch"] - 1 + inside["step"] / inside["steps"] if inside else row["epoch"]
@@ -103,12 +103,13 @@ class LiveView:
         rows = list(self.rows.values())
         running = [r for r in rows if r["status"] == "running"]
         self.concurrency = max(self.concurrency, len(running))
-        per_epoch = [self._epoch_s(r) for r in rows if math.isfinite(self._epoch_s(r))]
-        if not per_epoch:
+        per_epoch = [self._epoch_s(r) for r in rows]
+        known = [s for s in per_epoch if math.isfinite(s)]
+        if not known:
             return math.nan
-        mean = sum(per_epoch) / len(per_epoch)
-        left = sum(self._left(r, self._epoch_s(r) if math.isfinite(self._epoch_s(r)) else mean)
-                   for r in rows if r["status"] in ("running", "pending"))
+        mean = sum(known) / len(known)
+        left = sum(self._left(r, s if math.isfinite(s) else mean)
+                   for r, s in zip(rows, per_epoch) if r["status"] in ("running", "pending"))
         return left / self.concurrency
 
     def render(self) -> Table:
