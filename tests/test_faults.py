@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from raycnn import results
+from raycnn import epoch_progress, results
 
 PY = sys.executable
 BASE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "COLUMNS": "200", "RAY_AUTH_MODE": "disabled",
@@ -444,11 +444,17 @@ def test_killed_trial_restarts_from_its_checkpoint(tmp_path, ray_tmp):
     suite.write_text(FAULT_SUITE)
     res = tmp_path / "results"
     run = Background("run", suite, "--synthetic", "--filter", "ft/long", "--num-cpus", "1", "--results-dir", res,
-                     "--name", "k", env=cli_env(ray_tmp), logs=tmp_path / "logs")
+                     "--name", "k", env=cli_env(ray_tmp, RAYCNN_PROGRESS_S="0"), logs=tmp_path / "logs")
     try:
         first = wait_for("the first epoch", lambda: [r for t in reported(ray_tmp).values() for r in t],
                          timeout=900, proc=run, every=0.2)
         pid = first[0]["pid"]
+        # Tune registers epoch 1's checkpoint in a save task it runs before letting the trial go
+        # on, so the kill waits for epoch 2 to be under way (its progress file, written every step
+        # here): killed earlier, the trial would rightly restart from scratch.
+        wait_for("epoch 2", lambda: any((epoch_progress.read(p) or {}).get("epoch") == 2
+                                        for p in epoch_progress.folder(res / "k").glob("*.json")),
+                 timeout=300, proc=run, every=0.02)
         os.kill(pid, signal.SIGKILL)             # the trial's worker, while it trains epoch 2
         rc, _, err = run.wait()
     finally:
