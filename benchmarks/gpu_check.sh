@@ -114,7 +114,7 @@ setup_env() {
         { echo "cannot unpack $DEV/data.npz"; return 1; }
     fi
   fi
-  export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 RAY_AIR_NEW_OUTPUT=0 COLUMNS=${COLUMNS:-200}
+  export RAY_USAGE_STATS_ENABLED=0 RAY_AIR_NEW_OUTPUT=0 COLUMNS=${COLUMNS:-200}
   timeout 120 "$PY" -c 'import sys, torch, ray, rich; print("python", sys.version.split()[0], "torch",
       torch.__version__, "ray", ray.__version__, "|", torch.cuda.get_device_name(0) if torch.cuda.is_available()
       else "no GPU", "x", torch.cuda.device_count())'

@@ -7,9 +7,12 @@ fails in one line before any trial starts.
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import secrets
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import ray
@@ -20,26 +23,99 @@ from raycnn.errors import RunError
 Shape = dict[str, float]     # a node's resources, e.g. {"CPU": 8, "GPU": 1}
 
 
-def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None,
-            log_dir: Path | None = None) -> None:
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | None = None) -> dict:
     """Join the cluster at `address`, or start a private local instance (with `num_cpus` and
-    `num_gpus`); a private instance keeps its logs in `log_dir`, not on the terminal."""
+    `num_gpus`) that only this process can use; returns what `disconnect` restores.
+
+    A private instance binds every server to loopback and requires a token made for this run;
+    a cluster is joined with the user's own settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN, ...)."""
     logging.getLogger("ray").setLevel(logging.ERROR)
     kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    if address:
-        check_reachable(address)
-        try:
-            ray.init(address=address, **kwargs)
-        except Exception as e:   # ray raises several types here; all mean the same to the user
-            raise RunError(f"cannot join the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
-    else:
-        try:
-            ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
-        except Exception as e:
-            raise RunError(f"cannot start a local Ray instance: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    saved = {k: os.environ.get(k) for k in AUTH_ENV}
+    try:
+        if address:
+            check_reachable(address)
+            _init(f"cannot join the Ray cluster at {address}", address=address, **kwargs)
+        else:
+            private_auth()
+            with loopback():
+                _init("cannot start a local Ray instance", address="local", num_cpus=num_cpus, num_gpus=num_gpus,
+                      **kwargs)
+            check_loopback(ray.get_runtime_context().gcs_address)
+    except BaseException:
+        disconnect(saved)
+        raise
     # Tune logs each failed trial with its traceback; raycnn says it in one line instead, and
     # the traceback stays in the trial's error.txt.
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    return saved
+
+
+def disconnect(saved: dict) -> None:
+    """Shut Ray down and restore the authentication settings `connect` found."""
+    ray.shutdown()
+    _restore_auth(saved)
+
+
+def _init(failure: str, **kwargs) -> None:
+    try:
+        ray.init(**kwargs)
+    except Exception as e:   # ray raises several types here; all mean the same to the user
+        raise RunError(f"{failure}: {(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+
+
+# Ray's token authentication reads these from the environment; the processes Ray starts inherit them.
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def private_auth() -> None:
+    """Token auth with a fresh random token, in this process's environment only: the private
+    instance's GCS, raylet and workers inherit it, and nothing is written to ~/.ray (where
+    Ray would otherwise save a token of its own). `disconnect` restores the user's settings."""
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    _reload_auth()
+
+
+def _restore_auth(saved: dict) -> None:
+    if all(os.environ.get(k) == v for k, v in saved.items()):
+        return
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _reload_auth()
+
+
+def _reload_auth() -> None:
+    """Make this process see the environment's auth settings now: Ray reads them into its
+    config at import and caches the token (the same refresh Ray does when it turns auth on)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextmanager
+def loopback():
+    """Ray's single-machine mode while the private instance starts: its node address is
+    loopback, so its GCS, raylet, workers and agents listen on 127.0.0.1 only. (Ray picks the
+    mode from an environment variable at import; its child processes must not inherit it,
+    since `ray start --address` refuses to run under it.)"""
+    from ray._private import ray_constants
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def check_loopback(gcs_address: str) -> None:
+    """Refuse to go on with a private instance that listens beyond loopback."""
+    host = gcs_address.rsplit(":", 1)[0].strip("[]")
+    if not ipaddress.ip_address(host).is_loopback:
+        raise RunError(f"the private Ray instance did not bind to loopback (its GCS is at {gcs_address}); not running")
 
 
 # An HTTP/2 client connection preface with an empty SETTINGS frame (RFC 9113, 3.4 and 6.5).

@@ -16,9 +16,6 @@ import os
 # Tune's own console output is replaced by raycnn's live view; set before ray is imported.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray 2.60's ray.init() writes ~/.ray/auth_token, after which `ray start` turns token auth on and
-# local tools fail with AuthenticationError; a benchmark suite on a private network needs neither.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Only the JSON logger by default (its result.json is where results are read from); `--log
 # tensorboard` adds a TensorBoard logger that keeps NaN config values out (raycnn.ray_trackers).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -288,7 +285,7 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
     previous = signal.signal(signal.SIGTERM, as_sigint)
     try:
         with phase(opts.timings, "ray start-up"):
-            cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
+            saved = cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
         signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
         try:
             cluster.place(params, opts.cpus_per_trial, opts.gpus_per_trial, cluster.shapes())
@@ -309,6 +306,6 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
                     view.stop()
         finally:
             with phase(opts.timings, "ray shutdown"):
-                ray.shutdown()
+                cluster.disconnect(saved)
     finally:
         signal.signal(signal.SIGTERM, previous)

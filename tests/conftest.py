@@ -92,3 +92,13 @@ def assert_same_training(whole: dict, resumed: dict) -> None:
     """A resumed fit ends exactly as the uninterrupted one: same history, same weights."""
     assert timeless(resumed["history"]) == timeless(whole["history"])
     assert all(torch.equal(whole["weights"][k], resumed["weights"][k]) for k in whole["weights"])
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder under /tmp, for RAY_TMPDIR (Ray's socket paths must stay under 108 bytes)."""
+    import shutil
+    import tempfile
+    path = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -36,7 +37,8 @@ import pytest
 from raycnn import epoch_progress, results
 
 PY = sys.executable
-BASE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "COLUMNS": "200", "RAY_AUTH_MODE": "disabled",
+# The clusters these tests start have token auth on, as a user's should: drivers join with the token.
+BASE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "COLUMNS": "200", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "RAY_USAGE_STATS_ENABLED": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 
 # Trials small enough for 2 CPU cores: 1024 synthetic MNIST images a training epoch (the test
