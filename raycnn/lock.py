@@ -1,10 +1,31 @@
-"""One driver per run folder: RUN_DIR/driver.lock names the host and pid of the driver.
+"""One driver per run folder: the driver holds an OS lock on RUN_DIR/driver.lock for its whole life.
 
-A second driver refuses to start (LockedError) and changes nothing. A lock left behind by a
-process that no longer exists on this host is taken over; one from another host cannot be
-checked from here, so the message says which file to remove if that driver is gone."""
+Why flock: the kernel ties the lock to the driver's open file and drops it when the process ends,
+however it ends (exit, exception, SIGKILL, the OOM killer), so a dead driver's lock is free at
+once and there is no "is the holder still alive?" check that two drivers could both pass. The
+file's text, the holder's host and pid written once the lock is held, only feeds the refusal
+message: an empty or garbled file (a crash between create and write) blocks nothing.
+
+Release removes the file while still holding the lock, so a run that cannot start leaves its
+folder empty for the CLI to take back. Removing a locked path is safe only because `acquire`
+checks, once it holds a lock, that the file it locked is still the one at the path: a driver
+that opened the file before the holder removed it, and locked it after, finds it gone and
+starts over on the path's current file, where the lock is decided again.
+
+What it does not cover:
+- NFS (EFS too): Linux clients since 2.6.12 emulate flock as a whole-file byte-range lock the
+  server arbitrates, so drivers on different nodes do exclude each other (the emulation needs
+  the file open for writing: it is). A share mounted with `local_lock=flock` or `local_lock=all`
+  keeps locks on each node, and then only drivers on the same node exclude each other. NFSv4
+  locks live on the client's lease: a node that dies holding the lock frees it only when the
+  server's lease runs out (90 s by default on a Linux server), and a node cut off from the
+  server for longer than that loses the lock while its driver still runs.
+- The lock is advisory: it keeps out other drivers, not other programs writing the folder.
+"""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import socket
@@ -13,65 +34,98 @@ from pathlib import Path
 from raycnn.errors import LockedError
 
 LOCK_FILE = "driver.lock"
+# Each start-over means another driver took and released the lock between our open and our
+# flock; this many in a row does not happen short of a bug, so then we give up with a message.
+ATTEMPTS = 5
+UNKNOWN = "a driver that has not recorded its host and pid"
 
 
-def _alive(pid: int) -> bool:
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether `fd` is the file now at `path` (not one removed from it since it was opened)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        mine, there = os.fstat(fd), os.stat(path, follow_symlinks=False)
+    except OSError:                    # gone; ESTALE on NFS once another client removed it
         return False
-    except PermissionError:      # someone else's process: alive
-        return True
-    return True
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
-def _holder(path: Path) -> dict | None:
+def _holder(fd: int) -> str:
+    """'pid P on H' from the lock file's text, or UNKNOWN where the text is not a record we wrote
+    (empty, being written, garbled): the message must stay one line whatever the file holds."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None              # gone, or being written: try again
+        record = json.loads(os.pread(fd, 4096, 0))
+        pid, host = record["pid"], record["host"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return UNKNOWN
+    if type(pid) is not int or not isinstance(host, str) or not host.isprintable() or not 0 < len(host) <= 255:
+        return UNKNOWN
+    return f"pid {pid} on {host}"
 
 
 class RunLock:
-    """`with RunLock(run_dir):` holds the run folder for this process."""
+    """`with RunLock(run_dir):` holds the run folder for this process, or raises LockedError
+    naming the driver that holds it."""
 
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir) / LOCK_FILE
         self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._fd: int | None = None
 
     def acquire(self) -> None:
         """Take the lock, or raise LockedError naming its holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = _holder(self.path)
-                if holder is None:
-                    continue
-                if holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", 0))):
-                    self._take_over(holder)
-                    return
-                raise LockedError(f"run {self.path.parent} is driven by pid {holder.get('pid')} on "
-                                  f"{holder.get('host')} (lock {self.path}; remove it only if that driver is gone)")
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            return
-        raise LockedError(f"cannot take the lock {self.path}")
+        for _ in range(ATTEMPTS):
+            fd = self._open()
+            if self._lock(fd) and _same_file(fd, self.path):
+                self._fd = fd
+                self._record(fd)
+                return
+            os.close(fd)               # locked a file its holder had just removed: start over
+        raise LockedError(f"cannot lock {self.path}: it was replaced {ATTEMPTS} times while locking")
 
-    def _take_over(self, stale: dict) -> None:
-        """Replace a dead process's lock atomically; re-read so that of two drivers taking over
-        at once only the one whose write landed last goes on."""
-        tmp = self.path.with_name(f".{LOCK_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.me))
-        os.replace(tmp, self.path)
-        if _holder(self.path) != self.me:
-            raise LockedError(f"run {self.path.parent} was taken over by another driver at the same time")
+    def _open(self) -> int:
+        # O_NOFOLLOW: a link planted at the lock's path must not make us truncate its target.
+        # Opened for writing: NFS's flock emulation needs that for an exclusive lock.
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise LockedError(f"cannot open the lock {self.path}: {e.strerror or e}") from None
+
+    def _lock(self, fd: int) -> bool:
+        """flock(fd) without waiting; False if the file vanished under us, LockedError if held."""
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise LockedError(f"run {self.path.parent} is driven by {holder} (lock {self.path})") from None
+        except OSError as e:
+            if e.errno == errno.ESTALE:       # NFS: removed by another client since we opened it
+                return False
+            os.close(fd)
+            raise LockedError(f"cannot lock {self.path}: {e.strerror or e} (its filesystem must support flock)") from None
+
+    def _record(self, fd: int) -> None:
+        # Written in place, not by rename: the lock belongs to this file, a new one would be unlocked.
+        # Readers meet an empty or partial text at worst, and `_holder` reads that as UNKNOWN.
+        # The text only names the holder in refusals, so failing to write it does not stop the run.
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(self.me).encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
-        """Remove the lock if it is still ours."""
-        if _holder(self.path) == self.me:
-            self.path.unlink(missing_ok=True)
+        """Remove the lock file while still holding it (if it is still ours), then let go."""
+        if self._fd is None:
+            return
+        try:
+            if _same_file(self._fd, self.path):
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)         # closing the file drops the flock
+            self._fd = None
 
     def __enter__(self) -> "RunLock":
         self.acquire()
