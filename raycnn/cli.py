@@ -1,6 +1,9 @@
 """The `raycnn` command: list suites, run them under Ray Tune, print and compare tables, draw plots.
 
-Every user error ends in one line on stderr and exit code 2; Ray is imported only by `run`.
+Every user error (`raycnn.errors.UserError`) ends in one line on stderr and its exit code (2 for
+bad input). The reading commands (list, table, compare, report, plot) import neither torch nor
+Ray, and each command imports only what it uses, so `raycnn --help` and `raycnn list` answer at
+once; Ray and torch are imported by `run` only.
 """
 from __future__ import annotations
 
@@ -14,14 +17,15 @@ from pathlib import Path
 
 from rich.console import Console
 
-from raycnn import epoch_progress, plots, report, results, screen, suites, tables
-from raycnn.errors import EXIT, UserError
-from raycnn.live import LiveView
-from raycnn.data import DataError
-from raycnn.trainer import ConfigError
+from raycnn import screen, suites
+from raycnn.errors import EXIT, OptionError, UserError
 
 console = Console()
 err_console = Console(stderr=True)
+# The choices of --format, here so that `--help` needs neither pandas nor the page's code
+# (tests check them against raycnn.tables.RENDERERS and raycnn.report.FORMATS).
+TABLE_FORMATS = ("markdown", "csv", "json")
+REPORT_FORMATS = ("html", "markdown")
 
 
 # ---------------------------------------------------------------- list
@@ -59,11 +63,9 @@ def _trial_cells(t: suites.Trial) -> list[str]:
 
 # `--quick`: every cell of the grid in minutes on a 2-core CPU (measured: see the README).
 QUICK = {"epochs": 1, "max_train_samples": 5000}
-# What a cell without ImageNet weights says in the tables (such a run exits EXIT["skipped"]).
-NEEDS_WEIGHTS = "needs ImageNet weights (--weights FILE)"
 
 
-def _budget(args) -> str:
+def budget_of(args) -> str:
     """The training budget recorded in every row: the suite's own, --quick, or reduced by hand."""
     if args.quick:
         return "quick"
@@ -76,12 +78,12 @@ def select(args) -> list[suites.Trial]:
     if args.filter:
         trials = [t for t in trials if any(fnmatch.fnmatch(t.name, f) for f in args.filter)]
         if not trials:
-            raise suites.SuiteError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
+            raise OptionError(f"--filter {' '.join(args.filter)} matches no trial of {args.suite}")
     quick = QUICK if args.quick else {}
     overrides = {"epochs": args.epochs or quick.get("epochs"),
                  "max_train_samples": args.max_train_samples or quick.get("max_train_samples"),
                  "precision": args.precision, "seed": args.seed, "synthetic": True if args.synthetic else None,
-                 "budget": _budget(args), "checkpoint_every": args.checkpoint_every,
+                 "budget": budget_of(args), "checkpoint_every": args.checkpoint_every,
                  # absolute: the driver reads the data, but relative paths confuse anyone reading the rows
                  "data_dir": str(Path(args.data_dir or "data").expanduser().resolve())}
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -105,50 +107,36 @@ def _imagenet_cached() -> bool:
     return True
 
 
-def split_weights(trials: list[suites.Trial]) -> tuple[list[suites.Trial], list[suites.Trial]]:
-    """(trials to run, pretrained trials skipped for want of ImageNet weights: no --weights file
-    and none in torchvision's cache). Refuses a run where nothing is left to run."""
+def split_weights(trials: list[suites.Trial]) -> dict[str, str]:
+    """The pretrained trials to skip for want of ImageNet weights (no --weights file and none
+    in torchvision's cache), by name with the reason; refuses a run where nothing is left."""
     for t in trials:
         if t.config.weights and not Path(t.config.weights).is_file():
-            raise suites.SuiteError(f"--weights {t.config.weights}: no such file")
+            raise OptionError(f"--weights {t.config.weights}: no such file")
     need = [t for t in trials if t.config.pretrained and not t.config.weights]
     if not need or _imagenet_cached():
-        return trials, []
+        return {}
     if len(need) == len(trials):
         import torch
         cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise suites.SuiteError(f"ImageNet weights for resnet18 are not in {cache} and cannot be downloaded: "
-                                f"pass --weights FILE (a resnet18 state dict)")
-    return [t for t in trials if t not in need], need
-
-
-def add_skipped(run_dir: Path, skipped: list[suites.Trial], repeats: int) -> None:
-    """Rows for the trials that were not run, so the tables show why their cells are empty."""
-    import dataclasses
-    import pandas as pd
-    rows = [{"name": t.name, "suite": t.suite, "table": t.table, "row": t.row, "column": t.column,
-             "order": t.order, "report_acc": t.report_acc, "repeat": r, **dataclasses.asdict(t.config),
-             "status": f"skipped: {NEEDS_WEIGHTS}", "final_test_acc": math.nan, "best_test_acc": math.nan}
-            for t in skipped for r in range(repeats)]
-    path = run_dir / results.TRIALS_FILE
-    done = results.load_run(run_dir)[0] if path.exists() else pd.DataFrame()
-    done = done[~done["name"].isin({t.name for t in skipped})] if len(done) else done
-    results.write_parquet(pd.concat([done, pd.DataFrame(rows)], ignore_index=True), path)
+        raise OptionError(f"ImageNet weights for resnet18 are not in {cache} and cannot be downloaded: "
+                          f"pass --weights FILE (a resnet18 state dict)")
+    return {t.name: suites.NEEDS_WEIGHTS for t in need}
 
 
 def prepare_run_dir(args) -> tuple[Path, list[Path]]:
     """RESULTS_DIR/RUN, refusing to overwrite an existing run unless --resume; also the folders
     this call created (innermost first), for `discard` to take back if the run cannot start."""
     if "://" in args.results_dir:
-        raise suites.SuiteError(f"--results-dir {args.results_dir}: URIs are not supported; give a local path, or on a "
+        raise OptionError(f"--results-dir {args.results_dir}: URIs are not supported; give a local path, or on a "
                                 f"cluster a shared filesystem mounted at the same path on every node (EFS/NFS)")
     run_dir = Path(args.results_dir).expanduser().resolve() / args.name
     if args.name in ("", ".", "..") or Path(args.name).name != args.name:
-        raise suites.SuiteError(f"--name {args.name!r}: must be a plain folder name")
+        raise OptionError(f"--name {args.name!r}: must be a plain folder name")
     if run_dir.exists() and not args.resume:
-        raise suites.SuiteError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
-    if args.resume and not (run_dir / "tune").exists():
-        raise suites.SuiteError(f"--resume: no run to resume at {run_dir}")
+        raise OptionError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
+    if args.resume and not (run_dir / "plan.json").exists():
+        raise OptionError(f"--resume: no run to resume at {run_dir}")
     created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,12 +145,20 @@ def prepare_run_dir(args) -> tuple[Path, list[Path]]:
         probe.unlink()
     except OSError as e:
         discard([d for d in created if d.exists()])
-        raise suites.SuiteError(f"cannot write results to {run_dir}: {e.strerror or e}") from None
+        raise OptionError(f"cannot write results to {run_dir}: {e.strerror or e}") from None
     return run_dir, created
 
 
+# What a run that never started may have left in its new folder: its lock, plan and Ray's log.
+LEFT_BEFORE_START = ("driver.lock", "plan.json", "ray.log")
+
+
 def discard(created: list[Path]) -> None:
-    """Remove the folders prepare_run_dir made, innermost first, where they are still empty."""
+    """Remove the folders prepare_run_dir made, innermost first, where nothing but what a run
+    leaves before it starts is in them."""
+    if created:
+        for name in LEFT_BEFORE_START:
+            (created[0] / name).unlink(missing_ok=True)
     for d in created:
         try:
             d.rmdir()
@@ -196,13 +192,13 @@ def trackers(values: list[str]) -> tuple[tuple[str, str | None], ...]:
     for value in values:
         name, _, uri = value.partition("=")
         if name not in TRACKERS:
-            raise suites.SuiteError(f"--log {value}: unknown tracker; choose from {', '.join(TRACKERS)}")
+            raise OptionError(f"--log {value}: unknown tracker; choose from {', '.join(TRACKERS)}")
         if "=" in value and name not in TAKES_URI:
-            raise suites.SuiteError(f"--log {value}: only mlflow takes a tracking URI (--log mlflow=URI)")
+            raise OptionError(f"--log {value}: only mlflow takes a tracking URI (--log mlflow=URI)")
         if "=" in value and not uri:
-            raise suites.SuiteError(f"--log {value}: no tracking URI after '='")
+            raise OptionError(f"--log {value}: no tracking URI after '='")
         if importlib.util.find_spec(TRACKERS[name]) is None:
-            raise suites.SuiteError(f"--log {name} needs the {TRACKERS[name]} package: pip install 'raycnn[tracking]'")
+            raise OptionError(f"--log {name} needs the {TRACKERS[name]} package: pip install 'raycnn[tracking]'")
         out.append((name, uri or None))
     return tuple(dict.fromkeys(out))
 
@@ -214,22 +210,23 @@ def cmd_run(args) -> int:
     cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
     command that resumes it and exits with EXIT["interrupted"]."""
     args.log = trackers(args.log or [])
-    trials, skipped = split_weights(select(args))
+    trials = select(args)
+    skipped = split_weights(trials)
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir, created = prepare_run_dir(args)
     if skipped:
-        err_console.print(f"raycnn: {len(skipped)} pretrained trial(s) skipped: {NEEDS_WEIGHTS}; the rest runs",
-                          markup=False, highlight=False, soft_wrap=True)
+        say(f"{len(skipped)} pretrained trial(s) skipped: {suites.NEEDS_WEIGHTS}; the rest runs")
     raytune = None
     try:
-        from raycnn import tune as raytune     # Ray is imported here only
+        from raycnn import epoch_progress, tune as raytune     # Ray and torch are imported here only
+        from raycnn.live import LiveView
         opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
                                   gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
                                   max_failures=args.max_failures, repeats=args.repeats, resume=args.resume,
                                   num_cpus=args.num_cpus, num_gpus=args.num_gpus, log=args.log)
-        view = LiveView(err_console, header=f"raycnn: {len(trials)} trial(s) x {args.repeats} into {run_dir}",
+        view = LiveView(err_console, header=f"raycnn: {len(trials) - len(skipped)} trial(s) x {args.repeats} into {run_dir}",
                         progress_dir=epoch_progress.folder(run_dir))
-        outcome = raytune.run_trials(trials, opts, view=view)
+        outcome = raytune.run_trials(trials, opts, view=view, skipped=skipped)
     except KeyboardInterrupt:
         if raytune is None or not (run_dir / "tune").exists():   # before any trial: nothing to resume
             discard(created)
@@ -238,31 +235,36 @@ def cmd_run(args) -> int:
     except BaseException:
         discard(created)                         # e.g. Ray did not start: no half-made run left
         raise
-    if skipped and outcome != "interrupted":
-        add_skipped(run_dir, skipped, args.repeats)
-    if (run_dir / results.TRIALS_FILE).exists():
+    if (run_dir / "trials.parquet").exists():
+        from raycnn import results
         show(results.load_run(run_dir)[0])
+    if outcome == "ok" and skipped:
+        outcome = "skipped"
     messages = {"ok": f"done: results in {run_dir}",
                 "errors": f"finished with failed trials (see the error column): results in {run_dir}",
                 "interrupted": f"interrupted; resume with: {resume_command(args.name)}",
-                "skipped": f"done except {len(skipped)} skipped trial(s) ({NEEDS_WEIGHTS}): results in {run_dir}"}
-    if outcome == "ok" and skipped:
-        outcome = "skipped"
-    # One unwrapped line: the resume command must survive copy and paste.
-    err_console.print(f"raycnn: {messages[outcome]}", markup=False, highlight=False, soft_wrap=True)
+                "skipped": f"done except {len(skipped)} skipped trial(s) ({suites.NEEDS_WEIGHTS}): results in {run_dir}"}
+    say(messages[outcome])
     return EXIT[outcome]
+
+
+def say(line: str) -> None:
+    """One unwrapped line on stderr: a resume command must survive copy and paste."""
+    err_console.print(f"raycnn: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- table, plot
 
 def load_runs(run_dirs: list[str]):
     """The trial rows of the given run folders, laid together by `tables.combine`'s rule."""
+    from raycnn import results, tables
     return tables.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
 
 
 def show(trials, source: bool = False) -> None:
     """The report's tables on a terminal; on a pipe one tab-separated line per trial instead,
     since a grid's columns differ from table to table and grep/cut want one shape."""
+    from raycnn import tables
     screen.emit(console, tables.sheets(trials, source) if console.is_terminal else [tables.long_sheet(trials)])
 
 
@@ -273,16 +275,19 @@ def cmd_table(args) -> int:
     if args.format == "rich":
         show(trials, args.source)
     else:
+        from raycnn import tables
         sys.stdout.write(tables.render(trials, args.format, args.source))
     return 0
 
 
 def cmd_compare(args) -> int:
     """`raycnn compare RUN_A RUN_B`: per trial in both, A, B and B - A."""
+    from raycnn import tables
+    from raycnn.errors import ResultsError
     a, b = (load_runs([d]) for d in (args.run_a, args.run_b))
     diffs = tables.compare(a, b)
     if diffs.empty:
-        raise results.ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
+        raise ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
     if args.format == "rich":
         screen.emit(console, [tables.compare_sheet(diffs, Path(args.run_a).name, Path(args.run_b).name)])
     else:
@@ -293,6 +298,7 @@ def cmd_compare(args) -> int:
 
 def cmd_plot(args) -> int:
     """`raycnn plot RUN_DIR`: the report's kind of figures, one PNG per table."""
+    from raycnn import plots
     for path in plots.plot(args.run_dir, args.out):
         console.print(str(path))
     return 0
@@ -300,6 +306,7 @@ def cmd_plot(args) -> int:
 
 def cmd_report(args) -> int:
     """`raycnn report RUN [RUN ...] -o FILE`: the tables, figures, provenance and gaps as one page."""
+    from raycnn import report
     console.print(str(report.write(args.run_dirs, args.output, args.format)))
     return 0
 
@@ -307,8 +314,8 @@ def cmd_report(args) -> int:
 # ---------------------------------------------------------------- arguments
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raycnn", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="raycnn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     ls = sub.add_parser("list", help="suites, their trials and the report's accuracy")
     ls.add_argument("suite", nargs="?", help="a suite name, all, or a .toml file")
     ls.set_defaults(func=cmd_list)
@@ -350,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
                                    "repeats (mean ± std; a seed in two runs counts once, from the later run); "
                                    "with a different config the later run (on the command line) wins.")
     t.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), e.g. results/mnist-all-1ep")
-    t.add_argument("--format", choices=["rich", *tables.RENDERERS], default="rich",
+    t.add_argument("--format", choices=["rich", *TABLE_FORMATS], default="rich",
                    help="rich: tables on a terminal, tab-separated lines on a pipe")
     t.add_argument("--source", action="store_true", help="show the run each cell came from")
     t.set_defaults(func=cmd_table)
@@ -366,7 +373,7 @@ def parser() -> argparse.ArgumentParser:
                                     "where each cell came from, and the cells not run with the reason.")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), later runs win as in `raycnn table`")
     rp.add_argument("-o", "--output", default="report.html", help="file to write (default: report.html)")
-    rp.add_argument("--format", choices=report.FORMATS, default="html",
+    rp.add_argument("--format", choices=REPORT_FORMATS, default="html",
                     help="html: one self-contained file; markdown: FILE plus its PNGs in FILE_STEM_files/")
     rp.set_defaults(func=cmd_report)
 
@@ -377,16 +384,31 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-USER_ERRORS = (suites.SuiteError, ConfigError, DataError, results.ResultsError, UserError)
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line, as every other mistake is
+    (argparse prints the whole usage first); `--help` still shows it all."""
+
+    def error(self, message: str):
+        print(f"raycnn: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT["usage"])
+
+
+# Options that count things: (name, smallest value allowed).
+COUNTS = {"epochs": 1, "repeats": 1, "max_concurrent": 1, "cpus_per_trial": 1, "max_train_samples": 1,
+          "checkpoint_every": 1, "num_cpus": 1, "max_failures": 0, "seed": 0}
 
 
 def _check_numbers(args) -> None:
-    for name in ("epochs", "repeats", "max_concurrent", "cpus_per_trial", "max_train_samples", "checkpoint_every"):
+    for name, least in COUNTS.items():
         value = getattr(args, name, None)
-        if value is not None and value <= 0:
-            raise suites.SuiteError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if getattr(args, "gpus_per_trial", None) is not None and args.gpus_per_trial < 0:
-        raise suites.SuiteError("--gpus-per-trial must not be negative")
+        if value is not None and value < least:
+            raise OptionError(f"--{name.replace('_', '-')} must be {'positive' if least else 'at least 0'}, got {value}")
+    for name in ("gpus_per_trial", "num_gpus"):
+        value = getattr(args, name, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise OptionError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+    if getattr(args, "resume", False) and not args.name:
+        raise OptionError("--resume needs --name RUN: the run to continue")
 
 
 def error_line(e: BaseException) -> str:
@@ -399,9 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_numbers(args)
         return args.func(args)
-    except USER_ERRORS as e:
+    except UserError as e:
         print(error_line(e), file=sys.stderr)
-        return EXIT["usage"]
+        return e.exit_code
     except KeyboardInterrupt:
         print("raycnn: interrupted", file=sys.stderr)
         return EXIT["interrupted"]

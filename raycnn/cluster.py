@@ -204,23 +204,23 @@ def types_in(path: Path) -> list[Shape]:
 
 # ---------------------------------------------------------------- placement
 
-def place(params: list[dict], cpus_per_trial: int | None, gpus_per_trial: float | None,
-          nodes: list[Shape]) -> None:
-    """Set each trial's CPU/GPU share from the options and the node shapes the cluster can have;
-    RunError where no shape can ever hold a trial."""
+def place(entries: list[dict], nodes: list[Shape], gpus_option: float | None = None) -> list[dict]:
+    """The plan's entries with the GPU share each is granted on a cluster of these node shapes
+    (none where the cluster has no GPUs, at most the largest node's); RunError where no shape
+    can ever hold a trial's request, or `gpus_option` (--gpus-per-trial) asks more than any has."""
     max_gpus = max((n.get("GPU", 0) for n in nodes), default=0)
-    if gpus_per_trial is not None and gpus_per_trial > max_gpus:
-        raise RunError(f"--gpus-per-trial {gpus_per_trial:g} is more than any node has (largest: {max_gpus:g} GPUs)")
-    for p in params:
-        p["cpus"] = cpus_per_trial or p["cpus"]
+    if gpus_option is not None and gpus_option > max_gpus:
+        raise RunError(f"--gpus-per-trial {gpus_option:g} is more than any node has (largest: {max_gpus:g} GPUs)")
+    out = []
+    for e in entries:
         # A GPU share only where GPUs exist: on a CPU-only cluster the suite's share would never schedule.
-        p["gpus"] = min(gpus_per_trial if gpus_per_trial is not None else (p["gpus"] if max_gpus else 0.0), max_gpus)
-        if not any(fits({"CPU": p["cpus"], "GPU": p["gpus"]}, n) for n in nodes):
-            largest = max((n.get("CPU", 0) for n in nodes if n.get("GPU", 0) >= p["gpus"]), default=0)
-            raise RunError(f"--cpus-per-trial {p['cpus']} is more than any node has "
-                           f"(largest: {largest:g} CPUs{' with a GPU' if p['gpus'] else ''})")
-        # Torch threads match the trial's CPUs: more threads than cores only contend.
-        p["config"]["num_threads"] = max(1, int(p["cpus"]))
+        placed = e | {"gpus": min(e["gpus"], max_gpus)}
+        if not any(fits({"CPU": placed["cpus"], "GPU": placed["gpus"]}, n) for n in nodes):
+            largest = max((n.get("CPU", 0) for n in nodes if n.get("GPU", 0) >= placed["gpus"]), default=0)
+            raise RunError(f"--cpus-per-trial {placed['cpus']} is more than any node has "
+                           f"(largest: {largest:g} CPUs{' with a GPU' if placed['gpus'] else ''})")
+        out.append(placed)
+    return out
 
 
 def fits(request: Shape, node: Shape) -> bool:

@@ -14,6 +14,9 @@ import os
 import time
 from pathlib import Path
 
+from raycnn.errors import ResultsError
+from raycnn.files import atomic_text
+
 # Seconds between two writes; an epoch shorter than this never writes (tests shorten it).
 EVERY_S = float(os.environ.get("RAYCNN_PROGRESS_S", "2"))
 
@@ -48,12 +51,9 @@ class ProgressFile:
         self._write({"epoch": epoch, "step": step, "steps": steps, "images_per_s": rate, "time": time.time()})
 
     def _write(self, record: dict) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, self.path)
-        except OSError:    # progress is a courtesy: a full or read-only disk must not stop training
+        try:     # not durable: a lost progress file costs nothing, and it is rewritten in seconds
+            atomic_text(self.path, json.dumps(record), durable=False)
+        except ResultsError:    # progress is a courtesy: a full or read-only disk must not stop training
             pass
 
     def remove(self) -> None:

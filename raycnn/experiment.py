@@ -1,10 +1,14 @@
-"""Result rows rebuilt from Tune's experiment folder; Ray-free.
+"""A run's result rows, from its plan and Tune's experiment folder; Ray-free and torch-free.
 
-Tune writes one result.json line per epoch report before the epoch is acknowledged, so the rows
-survive driver crashes and resumes: `collect` reads the folder, `write_results` turns it into
-Parquet. A restarted trial reports again from the epoch after its checkpoint, so a report of
-epoch k supersedes the earlier reports of epoch k and later (no duplicates after restarts).
-Tune's status of each trial comes from its experiment state (see `tune_states`).
+Each trial reports every epoch (`raycnn.trainer.fit`): the epoch's metrics, and under
+"summary" what the trial amounts to so far; Tune appends each report to the trial's
+result.json before the epoch is acknowledged, so the rows survive driver crashes and resumes.
+A trial's row is its plan entry (name, place in the report, config, resources) with its last
+report's summary and provenance; an epoch row is one report. A restarted trial reports again
+from the epoch after its checkpoint, so a report of epoch k supersedes the earlier reports of
+epoch k and later (no duplicates after restarts). Trials the plan skipped get a row saying why.
+
+`write_results` is the one writer of trials.parquet and epochs.parquet.
 """
 from __future__ import annotations
 
@@ -13,8 +17,9 @@ import math
 import re
 from pathlib import Path
 
+from raycnn import plan as run_plan
 from raycnn import results
-from raycnn.trainer import outcome
+from raycnn.outcome import outcome
 
 
 def experiment_dir(run_dir: Path) -> Path:
@@ -23,7 +28,7 @@ def experiment_dir(run_dir: Path) -> Path:
 
 
 def trial_folder(meta: dict) -> str:
-    """The folder name of a trial (its `trial` param: order, name, repeat) in the experiment."""
+    """The folder name of a trial (its plan entry: order, name, repeat) in the experiment."""
     return f"{meta['order']:03d}-{meta['name'].replace('/', '-')}-r{meta['repeat']}"
 
 
@@ -33,20 +38,30 @@ def summary(error: str, limit: int = 200) -> str:
     return first if len(first) <= limit else first[:limit - 3] + "..."
 
 
+# What every trial row says about the trial, from its plan entry.
+TRIAL_FIELDS = ("name", "suite", "table", "row", "column", "order", "report_acc", "repeat")
+# Where and with what the trial trained, from its reports (stamped by the worker that trained).
+PROVENANCE = ("git_rev", "torch_version", "torchvision_version", "ray_version", "python_version")
+EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "lr_backbone",
+                "seconds", "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
+
+
 def collect(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Trial rows and epoch rows from the result.json files of the run's Tune experiment."""
-    trial_rows, epoch_rows = [], []
+    """Trial rows and epoch rows of a run folder: its plan's trials, as far as they got."""
     exp = experiment_dir(run_dir)
     states = tune_states(exp)
-    for folder in sorted(p for p in exp.glob("*") if (p / "params.json").exists()):
-        try:
-            meta = json.loads((folder / "params.json").read_text())["trial"]
-        except (json.JSONDecodeError, KeyError):
-            continue      # Tune is still writing it; the next rewrite picks the trial up
-        epochs = _epochs(folder / "result.json")
+    trial_rows, epoch_rows = [], []
+    for meta in run_plan.read(run_dir).entries:
+        if meta.get("skipped"):
+            trial_rows.append(_skipped_row(meta))
+            continue
+        folder = exp / trial_folder(meta)
+        if not (folder / "params.json").exists():
+            continue          # not started (yet): the run is unfinished
+        reports = _reports(folder / "result.json")
         errors = (folder / "error.txt").read_text().strip().splitlines() if (folder / "error.txt").exists() else []
-        trial_rows.append(_trial_row(meta, epochs, errors, states.get(folder.name)))
-        epoch_rows += [_epoch_row(meta, e) for e in epochs]
+        trial_rows.append(_trial_row(meta, reports, errors, states.get(folder.name)))
+        epoch_rows += [_epoch_row(meta, r) for r in reports]
     return trial_rows, epoch_rows
 
 
@@ -62,50 +77,64 @@ def tune_states(exp: Path) -> dict[str, str]:
         return {}
 
 
-def _epochs(path: Path) -> list[dict]:
-    """The epoch results of one trial, in order. A restarted trial reports again from the epoch
+def _reports(path: Path) -> list[dict]:
+    """The epoch reports of one trial, in order. A restarted trial reports again from the epoch
     after its checkpoint (or from 1 when it starts over): a report of epoch k supersedes every
-    earlier report of epoch k and later, so the rows are those of the run that went on."""
+    earlier report of epoch k and later, so the rows are those of the run that went on. A line
+    cut off by a crash is skipped (`repair` makes sure no later line is glued to it)."""
     by_epoch: dict[int, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    result = json.loads(line)
-                except json.JSONDecodeError:
-                    continue      # a line cut off by a crash
-                if "epoch" in result:
-                    by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
-                    by_epoch[result["epoch"]] = result
+            try:
+                result = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                continue
+            if "epoch" in result:
+                by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
+                by_epoch[result["epoch"]] = result
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "val_loss", "val_acc", "lr", "lr_backbone", "seconds",
-                "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
-TRIAL_META = ("name", "suite", "table", "row", "column", "order", "report_acc", "repeat", "git_rev",
-              "torch_version", "torchvision_version", "ray_version", "python_version")
+def repair(run_dir: Path) -> list[str]:
+    """Cut the torn last line off every result.json of the run (a crash mid-write leaves one;
+    Tune would append the next report to it and both would be lost). Returns the trial folders
+    whose line was cut: that epoch's row is a gap unless the trial trains it again."""
+    cut = []
+    for path in sorted(experiment_dir(run_dir).glob("*/result.json")):
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[:data.rfind(b"\n") + 1])
+            cut.append(path.parent.name)
+    return cut
 
 
-def _epoch_row(meta: dict, e: dict) -> dict:
+def _epoch_row(meta: dict, report: dict) -> dict:
     row = {k: meta[k] for k in ("name", "suite", "repeat", "table", "row", "column")}
-    return row | {k: e.get(k) for k in EPOCH_FIELDS}
+    return row | {k: report.get(k) for k in EPOCH_FIELDS}
 
 
-def _trial_row(meta: dict, epochs: list[dict], errors: list[str], tune_status: str | None = None) -> dict:
-    last = epochs[-1] if epochs else {}
+def _gaps(reports: list[dict]) -> list[int]:
+    """Epochs missing between the first reported and the last."""
+    seen = {r["epoch"] for r in reports}
+    return [e for e in range(min(seen, default=1), max(seen, default=0)) if e not in seen]
+
+
+def _trial_row(meta: dict, reports: list[dict], errors: list[str], tune_status: str | None = None) -> dict:
+    last = reports[-1] if reports else {}
     done = bool(last.get("finished"))
     failures = sum(line.startswith("Failure #") for line in errors)
     # Not done: failed for good only where Tune says so (a trial that failed, restarted and was
     # then interrupted is unfinished, not failed); without Tune's state, any recorded failure.
     failed = tune_status == "ERROR" if tune_status else bool(errors)
-    verdict = outcome(epochs)                   # final/best/status: the trainer's one rule
+    verdict = last.get("summary") or outcome([])          # what the trial said it amounts to
     status = verdict["status"] if done else ("error" if failed else "running")
     # A trial that failed and was restarted says so: it may have run partly twice.
-    warnings = [e["warning"] for e in epochs if e.get("warning")]
+    warnings = [r["warning"] for r in reports if r.get("warning")]
     if failures and status != "error":
         warnings.append(f"restarted after {failures} failure(s), the last: {summary(errors[-1])}")
-    row = {k: meta[k] for k in TRIAL_META} | meta["config"]
-    return row | verdict | {
+    if _gaps(reports):
+        warnings.append(f"no report of epoch(s) {', '.join(map(str, _gaps(reports)))} (cut off by a crash)")
+    return {k: meta[k] for k in TRIAL_FIELDS} | {k: last.get(k, "") for k in PROVENANCE} | meta["config"] | verdict | {
         "status": status,
         "wall_seconds": last.get("time_total_s", math.nan),
         "node": last.get("node", ""), "device": last.get("device", ""), "precision": last.get("precision", ""),
@@ -115,10 +144,15 @@ def _trial_row(meta: dict, epochs: list[dict], errors: list[str], tune_status: s
     }
 
 
+def _skipped_row(meta: dict) -> dict:
+    """The row of a trial the run did not train, saying why (its cell in the tables)."""
+    return {k: meta[k] for k in TRIAL_FIELDS} | meta["config"] | outcome([]) | {
+        "status": f"skipped: {meta['skipped']}", "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"]}
+
+
 def write_results(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(Re)write RUN_DIR/trials.parquet and epochs.parquet from Tune's folder, atomically."""
+    """(Re)write RUN_DIR/trials.parquet and epochs.parquet from the plan and Tune's folder."""
     trial_rows, epoch_rows = collect(run_dir)
     if trial_rows:
-        results.write_parquet(trial_rows, Path(run_dir) / "trials.parquet")
-        results.write_parquet(epoch_rows, Path(run_dir) / "epochs.parquet")
+        results.write_run(run_dir, trial_rows, epoch_rows)
     return trial_rows, epoch_rows

@@ -1,6 +1,7 @@
 """Every network of the report, by name.
 
-`MODELS` maps a name to a builder; `build(name)` makes one. The hand-built MNIST nets end in
+`BUILDERS` maps a network's name to its builder (`raycnn.config.MODELS` says what each is
+shaped for); `build(name)` makes one. The hand-built MNIST nets end in
 log-softmax as the report's do, the CIFAR-10 nets end in logits; the trainer uses cross-entropy
 for both, which is exact for log-softmax outputs too (log_softmax is idempotent, so
 cross_entropy(log_softmax(z)) == nll_loss(log_softmax(z))).
@@ -10,20 +11,13 @@ docstring and pinned by the layer-sequence and parameter-count tests (tests/test
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 import torchvision
 
-# Where torchvision's AlexNet meets 32x32 CIFAR-10: its stem (11x11 stride 4, three 3x3/2 max-pools)
-# shrinks 32x32 to nothing, so inputs are resized on the device first. 64 is about the smallest
-# size whose feature map survives to the last pool; AlexNet's adaptive pool then makes it 6x6.
-ALEXNET_INPUT_SIZE = 64
-
-# The classifier of torchvision's ResNet-18; "layerN" names its residual stages.
-RESNET_STAGES = ("layer1", "layer2", "layer3", "layer4")
+from raycnn.config import MODELS, RESNET_STAGES, finetune_stages
 
 
 class MnistNet(nn.Module):
@@ -101,22 +95,8 @@ def _resnet18(num_classes: int = 10, pretrained: bool = False, weights: str | No
 
 
 def _alexnet(num_classes: int = 10, **_) -> nn.Module:
-    """torchvision's AlexNet as is; it needs inputs of ALEXNET_INPUT_SIZE (see `ModelSpec`)."""
+    """torchvision's AlexNet as is; it needs inputs of config.ALEXNET_INPUT_SIZE (the trainer resizes them)."""
     return torchvision.models.alexnet(num_classes=num_classes)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registry entry: the builder, the dataset it is shaped for, and the input side it needs
-    (None: the dataset's own), whether it can load pretrained weights, and whether it trains
-    faster in channels_last on the CPU (on CUDA every model uses it)."""
-    builder: Callable[..., nn.Module]
-    dataset: str
-    input_size: int | None = None
-    pretrainable: bool = False
-    # benchmarks/layout.py on a 2-core CPU: the small nets' steps take 7-14% less in
-    # channels_last (max-pooling most of all); AlexNet 2% and ResNet-18 8% more.
-    cpu_channels_last: bool = True
 
 
 def _mnist(**kw) -> Callable[..., nn.Module]:
@@ -127,29 +107,28 @@ def _cifar(**kw) -> Callable[..., nn.Module]:
     return lambda num_classes=10, **_: CifarNet(num_classes=num_classes, **kw)
 
 
-MODELS: dict[str, ModelSpec] = {
-    "mnist_base": ModelSpec(_mnist(), "mnist"),
-    "mnist_dropout": ModelSpec(_mnist(dropout=0.4), "mnist"),
-    "mnist_batchnorm": ModelSpec(_mnist(batchnorm=True), "mnist"),
-    "mnist_stride2": ModelSpec(_mnist(conv2_stride=2, pool=False), "mnist"),
-    "mnist_kernel5": ModelSpec(_mnist(kernel=5), "mnist"),
-    "cifar_base": ModelSpec(_cifar(), "cifar10"),
-    "cifar_dropout": ModelSpec(_cifar(dropout=0.4), "cifar10"),
-    "cifar_batchnorm": ModelSpec(_cifar(batchnorm=True), "cifar10"),
-    "alexnet": ModelSpec(_alexnet, "cifar10", input_size=ALEXNET_INPUT_SIZE, cpu_channels_last=False),
-    "resnet18": ModelSpec(_resnet18, "cifar10", pretrainable=True, cpu_channels_last=False),
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "mnist_base": _mnist(),
+    "mnist_dropout": _mnist(dropout=0.4),
+    "mnist_batchnorm": _mnist(batchnorm=True),
+    "mnist_stride2": _mnist(conv2_stride=2, pool=False),
+    "mnist_kernel5": _mnist(kernel=5),
+    "cifar_base": _cifar(),
+    "cifar_dropout": _cifar(dropout=0.4),
+    "cifar_batchnorm": _cifar(batchnorm=True),
+    "alexnet": _alexnet,
+    "resnet18": _resnet18,
 }
 
 
 def build(name: str, num_classes: int = 10, pretrained: bool = False,
           weights: str | None = None) -> nn.Module:
-    """Build model `name` from MODELS (pretrained ImageNet weights where the model allows)."""
-    spec = MODELS.get(name)
-    if spec is None:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    if pretrained and not spec.pretrainable:
+    """Build network `name` (pretrained ImageNet weights where config.MODELS allows them)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(BUILDERS)}")
+    if pretrained and not MODELS[name].pretrainable:
         raise ValueError(f"model {name!r} has no pretrained weights; only {[n for n, s in MODELS.items() if s.pretrainable]}")
-    return spec.builder(num_classes=num_classes, pretrained=pretrained, weights=weights)
+    return BUILDERS[name](num_classes=num_classes, pretrained=pretrained, weights=weights)
 
 
 def head_and_backbone(model: nn.Module) -> tuple[list[nn.Parameter], dict[str, nn.Module]]:
@@ -171,7 +150,7 @@ def parameter_groups(model: nn.Module, finetune: str, lr: float,
     if finetune == "all":
         return [{"params": [p for p in model.parameters()], "lr": lr}]
     head, stages = head_and_backbone(model)
-    chosen = _stages(finetune)
+    chosen = finetune_stages(finetune)
     for p in model.parameters():
         p.requires_grad_(False)
     groups = []
@@ -186,16 +165,6 @@ def parameter_groups(model: nn.Module, finetune: str, lr: float,
     return groups
 
 
-def _stages(finetune: str) -> list[str]:
-    if finetune in ("head", "zero-shot"):
-        return []
-    chosen = [s.strip() for s in finetune.split(",")]
-    bad = [s for s in chosen if s not in RESNET_STAGES]
-    if bad:
-        raise ValueError(f"unknown finetune {finetune!r}: use all, head, zero-shot or a comma list of {RESNET_STAGES}")
-    return chosen
-
-
 def set_train_mode(model: nn.Module, finetune: str) -> None:
     """model.train(), but frozen parts (see `parameter_groups`) stay in eval mode."""
     model.train()
@@ -204,5 +173,5 @@ def set_train_mode(model: nn.Module, finetune: str) -> None:
     model.eval()
     _, stages = head_and_backbone(model)
     model.fc.train()
-    for name in _stages(finetune):
+    for name in finetune_stages(finetune):
         stages[name].train()

@@ -9,8 +9,11 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+from functools import cache
 from importlib import metadata
 from pathlib import Path
+
+from raycnn.files import atomic_text
 
 ROOT = Path(__file__).resolve().parent.parent
 REVISION_FILE = "REVISION"
@@ -47,9 +50,7 @@ def write_revision(root: Path = ROOT) -> str:
     rev = git_revision(root)
     if not rev:
         raise SystemExit(f"raycnn: error: {root} is not a git checkout; no revision to write")
-    tmp = root / f".{REVISION_FILE}.tmp"
-    tmp.write_text(rev + "\n")
-    tmp.replace(root / REVISION_FILE)
+    atomic_text(root / REVISION_FILE, rev + "\n")
     return rev
 
 
@@ -62,6 +63,11 @@ def _version(package: str) -> str:
 
 def provenance() -> dict:
     """The fields every result row carries about the code and its stack."""
+    return dict(_provenance())
+
+
+@cache      # once per process: a worker asks for every trial it runs
+def _provenance() -> dict:
     import torch, torchvision      # their own version strings (with the CUDA build, e.g. +cu130)
     return {"git_rev": revision(), "torch_version": torch.__version__,
             "torchvision_version": torchvision.__version__, "ray_version": _version("ray"),

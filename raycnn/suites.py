@@ -24,18 +24,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from raycnn.trainer import ConfigError, TrainConfig
+from raycnn.config import TrainConfig
+from raycnn.errors import ConfigError, SuiteError
 
 BUNDLED = Path(__file__).resolve().parent / "bundled"    # package data: found after any install
+# Why a pretrained cell is empty without ImageNet weights (its row's status, its table cell).
+NEEDS_WEIGHTS = "needs ImageNet weights (--weights FILE)"
 CONFIG_KEYS = {f.name for f in fields(TrainConfig)}
 SUITE_KEYS = {"name", "description", "cpus_per_trial", "gpus_per_trial", "table"}
-TRIAL_META = {"name", "table", "row", "column", "report", "gpus_per_trial"}
+TRIAL_KEYS = {"name", "table", "row", "column", "report", "gpus_per_trial"}
 AXIS_KEYS = {"name", "role", "values"}
 AXIS_ROLES = ("table", "row", "column")
-
-
-class SuiteError(ValueError):
-    """A suite that cannot be read; the message is one line naming the file and key."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +89,14 @@ def load(path: str | Path) -> Suite:
     _check_keys(path, "top level", doc, {"suite", "defaults", "axes", "report", "trials"})
     head = doc.get("suite", {})
     _check_keys(path, "[suite]", head, SUITE_KEYS)
+    _check_types(path, "[suite]", head, HEAD_TYPES)
     name = head.get("name", path.stem)
     defaults = doc.get("defaults", {})
     _check_keys(path, "[defaults]", defaults, CONFIG_KEYS)
+    for part, kind in (("axes", "an array of tables ([[axes]])"), ("trials", "an array of tables ([[trials]])")):
+        if not _tables(doc.get(part, [])):
+            raise SuiteError(f"{path}: {part} must be {kind}")
+    _check_keys(path, "[report]", doc.get("report", {}), set(doc.get("report", {})))
     specs = _axis_trials(path, name, doc) + _explicit_trials(path, name, doc)
     if not specs:
         raise SuiteError(f"{path}: no trials: declare [[axes]] or [[trials]]")
@@ -108,6 +112,37 @@ def load(path: str | Path) -> Suite:
     return Suite(name, path, head.get("description", ""), trials)
 
 
+def _tables(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+
+
+def _count(positive: bool):
+    """A check for a resource count: a finite number, positive or at least not negative."""
+    return lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (v > 0 if positive else v >= 0))
+
+
+# What each [suite] key (and a trial's gpus_per_trial) must be: (check, what to say).
+HEAD_TYPES = {
+    "name": (lambda v: isinstance(v, str) and v and "/" not in v, "a name without '/'"),
+    "description": (lambda v: isinstance(v, str), "a string"),
+    "table": (lambda v: isinstance(v, str), "a string"),
+    "cpus_per_trial": (lambda v: _count(True)(v) and v == int(v), "a positive whole number"),
+    "gpus_per_trial": (_count(False), "a number >= 0"),
+}
+LABEL_TYPES = {"label": (lambda v: isinstance(v, str) and v and "/" not in v, "a name without '/'"),
+               "title": (lambda v: isinstance(v, str), "a string"),
+               "name": (lambda v: isinstance(v, str) and v, "a string"),
+               "table": (lambda v: isinstance(v, str), "a string"), "row": (lambda v: isinstance(v, str), "a string"),
+               "column": (lambda v: isinstance(v, str), "a string"), "gpus_per_trial": HEAD_TYPES["gpus_per_trial"]}
+
+
+def _check_types(path: Path, where: str, table: dict, types: dict) -> None:
+    for key, (ok, what) in types.items():
+        if key in table and not ok(table[key]):
+            raise SuiteError(f"{path}: {where}: {key} must be {what}, got {table[key]!r}")
+
+
 def _check_keys(path: Path, where: str, table: Any, allowed: set[str]) -> None:
     if not isinstance(table, dict):
         raise SuiteError(f"{path}: {where} must be a table")
@@ -121,10 +156,12 @@ def _axis_trials(path: Path, suite: str, doc: dict) -> list[dict]:
     axes = doc.get("axes", [])
     for i, axis in enumerate(axes):
         _check_keys(path, f"axes[{i}]", axis, AXIS_KEYS)
-        if axis.get("role") not in AXIS_ROLES or not axis.get("values"):
-            raise SuiteError(f"{path}: axes[{i}] ({axis.get('name', '?')}): needs role in {AXIS_ROLES} and values")
+        if axis.get("role") not in AXIS_ROLES or not axis.get("values") or not _tables(axis["values"]):
+            raise SuiteError(f"{path}: axes[{i}] ({axis.get('name', '?')}): needs role in {AXIS_ROLES} and "
+                             f"values, an array of tables")
         for v in axis["values"]:
             _check_keys(path, f"axes[{i}] value {v.get('label', '?')!r}", v, CONFIG_KEYS | {"label", "title"})
+            _check_types(path, f"axes[{i}] value {v.get('label', '?')!r}", v, LABEL_TYPES)
             if "label" not in v:
                 raise SuiteError(f"{path}: axes[{i}]: every value needs a label")
     report = doc.get("report", {})
@@ -144,7 +181,8 @@ def _axis_trials(path: Path, suite: str, doc: dict) -> list[dict]:
 def _explicit_trials(path: Path, suite: str, doc: dict) -> list[dict]:
     specs = doc.get("trials", [])
     for i, spec in enumerate(specs):
-        _check_keys(path, f"trials[{i}] ({spec.get('name', '?')})", spec, CONFIG_KEYS | TRIAL_META)
+        _check_keys(path, f"trials[{i}] ({spec.get('name', '?')})", spec, CONFIG_KEYS | TRIAL_KEYS)
+        _check_types(path, f"trials[{i}]", spec, LABEL_TYPES)
         if "name" not in spec:
             raise SuiteError(f"{path}: trials[{i}]: needs a name")
     return specs

@@ -1,8 +1,10 @@
-"""The Tune trial function: one trial of a suite is one `raycnn.trainer.fit`, reporting each
-epoch with its checkpoint, so a failed trial restarts from its last epoch.
+"""The Tune trial function: one trial of a run's plan is one `raycnn.trainer.fit`, reporting
+each epoch with its checkpoint, so a failed trial restarts from its last epoch.
 
 Runs in a Ray worker. Datasets and `--weights` files arrive through Ray's object store
-(`tune.with_parameters`), so no worker needs the driver's files.
+(`tune.with_parameters`), so no worker needs the driver's files. Every report carries where
+and with what the trial trained (node, versions, git revision), stamped here, on the worker
+that trained, not on the driver.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from raycnn import data as data_mod
+from raycnn import datafiles
+from raycnn.config import TrainConfig
 from raycnn.epoch_progress import ProgressFile
 from raycnn.experiment import trial_folder
-from raycnn.trainer import TrainConfig, fit
+from raycnn.provenance import provenance
+from raycnn.trainer import fit
 
 
 def data_key(config: TrainConfig) -> str:
@@ -30,31 +34,35 @@ def weights_key(path: str) -> str:
     return f"weights:{path}"
 
 
+def _stamp() -> dict:
+    """Where this worker is and what it runs."""
+    node_id = ray.get_runtime_context().get_node_id()
+    host = socket.gethostname()
+    return {"node": f"{host}/{node_id[:8]}", "hostname": host, "node_id": node_id, **provenance()}
+
+
 def trainable(param: dict, progress_dir: str, **shipped) -> None:
-    """One trial: fit the config, reporting each epoch with its checkpoint to Tune, and its
-    progress inside each epoch to a file in `progress_dir` (for the live view)."""
-    meta = param["trial"]
-    config = TrainConfig.from_dict(meta["config"])
-    arrays = data_mod.subset(shipped[data_key(config)], config.max_train_samples)
-    ctx = ray.get_runtime_context()
-    where = {"node": f"{socket.gethostname()}/{ctx.get_node_id()[:8]}", "hostname": socket.gethostname(),
-             "node_id": ctx.get_node_id()}
+    """One trial: fit its plan entry's config, reporting each epoch with its checkpoint to Tune,
+    and its progress inside each epoch to a file in `progress_dir` (for the live view)."""
+    entry = param["trial"]
+    config = TrainConfig.from_dict(entry["config"]).validate()
+    arrays = datafiles.subset(shipped[data_key(config)], config.max_train_samples)
+    stamp = _stamp()
     restored = tune.get_checkpoint()
     with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
         if config.weights:     # the driver's file, as bytes: written here for the model to load
             local = Path(tmp) / "weights.pt"
             local.write_bytes(shipped[weights_key(config.weights)])
-            config = TrainConfig.from_dict({**meta["config"], "weights": str(local)})
+            config = TrainConfig.from_dict({**entry["config"], "weights": str(local)})
         resume = restored.to_directory(os.path.join(tmp, "resume")) if restored else None
 
         def report(metrics: dict, checkpoint_dir: Path | None) -> None:
-            # `resumed` (and `warning`, when the checkpoint was unreadable) come from fit.
             ckpt = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
             if metrics.get("warning") and resume:     # name Tune's checkpoint, not our temp copy
                 metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
-            tune.report({"resumed": False, **metrics, **where}, checkpoint=ckpt)
+            tune.report(metrics | stamp, checkpoint=ckpt)
 
-        on_batch = ProgressFile(Path(progress_dir) / f"{trial_folder(meta)}.json", config.batch_size)
+        on_batch = ProgressFile(Path(progress_dir) / f"{trial_folder(entry)}.json", config.batch_size)
         on_batch.remove()     # a restarted trial's old file is not its progress
         try:
             fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays,

@@ -1,13 +1,14 @@
-"""The Tune driver: every trial of a suite runs `raycnn.trial.trainable` as one Tune trial.
+"""The Tune driver: every trial of a run's plan runs `raycnn.trial.trainable` as one Tune trial.
 
 One Tuner per run; each trial gets `cpus_per_trial` CPUs and a (fractional) GPU share, fitted to
 the cluster's node shapes by `raycnn.cluster`. Datasets and --weights files go into the object
 store once and are shared by the trials of a node. Each epoch reports its metrics with a
 checkpoint, so a failed trial restarts from its last checkpoint (FailureConfig) and an
-interrupted run resumes (Tuner.restore). Rows are rebuilt from Tune's folder by
-`raycnn.experiment`. One driver per run folder (`raycnn.lock`).
+interrupted run resumes (Tuner.restore) its saved plan (`raycnn.plan`). Rows are written by
+`raycnn.experiment` from the plan and Tune's folder. One driver per run folder (`raycnn.lock`).
 
-The Ray modules are this one, `raycnn.trial` and `raycnn.cluster`; nothing else imports Ray.
+The Ray modules are this one, `raycnn.trial`, `raycnn.cluster` and `raycnn.ray_trackers`;
+nothing else imports Ray.
 """
 from __future__ import annotations
 
@@ -20,33 +21,33 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # tensorboard` adds a TensorBoard logger that keeps NaN config values out (raycnn.ray_trackers).
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
+import hashlib
 import logging
 import shutil
-import signal
-import sys
+import stat
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from raycnn import cluster, epoch_progress, ray_trackers
+from raycnn import checkpoint, cluster, datafiles, epoch_progress, experiment, plan, process, ray_trackers
+from raycnn.config import TrainConfig
 from raycnn.errors import NodeDied, RunError
 from raycnn.experiment import experiment_dir, summary, trial_folder, write_results
 from raycnn.lock import RunLock
-from raycnn.provenance import provenance
 from raycnn.suites import Trial
-from raycnn.trainer import TrainConfig, load_arrays
 from raycnn.trial import data_key, trainable, weights_key
 
 
 @dataclass
 class RunOptions:
-    """How to run (not what: that is the suite). Paths must be absolute."""
+    """How to run (not what: that is the plan). Paths must be absolute."""
     run_dir: Path
     address: str | None = None          # None: a private local Ray instance
     cpus_per_trial: int | None = None   # None: the suite's
@@ -57,9 +58,7 @@ class RunOptions:
     resume: bool = False
     num_cpus: int | None = None         # private instance only: CPUs to declare (None: all)
     num_gpus: float | None = None       # private instance only: logical GPUs to declare (None: detect)
-    live: bool = True
     log: tuple = ()                     # --log trackers: (name, tracking URI or None) each
-    extra: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)   # filled by run_trials: seconds per phase
 
 
@@ -73,31 +72,41 @@ def phase(timings: dict, name: str):
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def expand(trials: list[Trial], repeats: int) -> list[dict]:
-    """Trial x repeat as Tune parameter dicts; repeat r uses seed + r."""
-    prov = provenance()
+def apply_resources(trials: list[Trial], opts: RunOptions) -> list[Trial]:
+    """The trials with --cpus-per-trial/--gpus-per-trial applied; torch threads match the
+    trial's CPUs (more threads than cores only contend)."""
     out = []
-    for trial in trials:
-        for r in range(repeats):
-            config = trial.config.to_dict() | {"seed": trial.config.seed + r}
-            out.append({"name": trial.name, "suite": trial.suite, "table": trial.table, "row": trial.row,
-                        "column": trial.column, "order": trial.order, "report_acc": trial.report_acc,
-                        "repeat": r, "gpus": trial.gpus_per_trial, "cpus": trial.cpus_per_trial,
-                        "config": config, **prov})
+    for t in trials:
+        cpus = opts.cpus_per_trial or t.cpus_per_trial
+        gpus = t.gpus_per_trial if opts.gpus_per_trial is None else opts.gpus_per_trial
+        out.append(replace(t, cpus_per_trial=cpus, gpus_per_trial=gpus,
+                           config=replace(t.config, num_threads=max(1, int(cpus))).validate()))
     return out
 
 
-def shipped(params: list[dict]) -> dict[str, Any]:
-    """What the trials get through the object store, read once by the driver: each dataset (the
-    whole split: max_train_samples applies per trial) and each --weights file's bytes."""
-    out: dict[str, Any] = {}
-    for p in params:
-        config = TrainConfig.from_dict(p["config"])
-        if data_key(config) not in out:
-            out[data_key(config)] = load_arrays(TrainConfig.from_dict({**p["config"], "max_train_samples": 0}))
-        if config.weights and weights_key(config.weights) not in out:
-            out[weights_key(config.weights)] = Path(config.weights).read_bytes()
-    return out
+def shipped(entries: list[dict]) -> tuple[dict[str, Any], dict[str, str]]:
+    """What the trials get through the object store, read once by the driver (each dataset:
+    the whole split, max_train_samples applies per trial; each --weights file's bytes), and the
+    sha256 of each, which the plan keeps so that a resume trains on the same inputs."""
+    objects, digests = {}, {}
+    for entry in entries:
+        config = TrainConfig.from_dict(entry["config"])
+        if data_key(config) not in objects:
+            arrays = datafiles.load(replace(config, max_train_samples=0))
+            objects[data_key(config)] = arrays
+            digests[data_key(config)] = _digest(arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y)
+        if config.weights and weights_key(config.weights) not in objects:
+            objects[weights_key(config.weights)] = Path(config.weights).read_bytes()
+            # by content, not path: a resumed run may find the same file elsewhere
+            digests["weights"] = _digest(objects[weights_key(config.weights)])
+    return objects, digests
+
+
+def _digest(*parts) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(memoryview(np.ascontiguousarray(part)).cast("B") if isinstance(part, np.ndarray) else part)
+    return h.hexdigest()
 
 
 def _resources(param: dict) -> tune.PlacementGroupFactory:
@@ -130,7 +139,8 @@ def tuner(params: list[dict], opts: RunOptions, callbacks: list, objects: dict) 
 
 class ResultsCallback(tune.Callback):
     """Rewrites the Parquet files as trials finish, feeds the live view each epoch, and says so
-    when trials wait for resources (Tune's own warning is muted with the rest of its logging).
+    when no trial runs and trials wait for resources (Tune's own warning is muted with the rest
+    of its logging).
 
     Tune pickles callbacks into the experiment and, on resume, calls the unpickled ones, so this
     holds nothing: the run folder (which may have moved since) and the live view (a rich
@@ -153,7 +163,9 @@ class ResultsCallback(tune.Callback):
         pending = [t for t in trials if t.status == "PENDING"]
         now = time.monotonic()
         since = ACTIVE.setdefault("progress_at", now)
-        if not pending or now - since < self.WAIT_S:
+        # Trials queued behind running ones are the normal case; only a run where nothing runs
+        # is waiting for resources.
+        if not pending or any(t.status == "RUNNING" for t in trials) or now - since < self.WAIT_S:
             return
         ACTIVE["progress_at"] = now
         view = ACTIVE.get("view")
@@ -211,34 +223,6 @@ def _dead(raylet) -> bool:
     return raylet is not None and raylet.poll() is not None
 
 
-@contextmanager
-def ray_output_to(path: Path):
-    """Within the block, what Ray prints (its C++ logs on fd 2, its Python lines on stdout) goes
-    to `path`; raycnn's own lines (sys.stderr: the live view, warnings) still reach the terminal."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
-    py_out, py_err = sys.stdout, sys.stderr
-    with open(path, "a", buffering=1) as log:
-        terminal = os.fdopen(os.dup(saved[2]), "w", buffering=1)
-        try:
-            sys.stdout, sys.stderr = log, terminal
-            for fd in (1, 2):
-                os.dup2(log.fileno(), fd)
-            yield
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                stream.flush()
-            for fd in (1, 2):
-                os.dup2(saved[fd], fd)
-                os.close(saved[fd])
-            sys.stdout, sys.stderr = py_out, py_err
-            terminal.close()
-
-
-RAY_LOG = "ray.log"      # in the run folder: what Ray prints during a run
-
-
 def _last_error_line(trial) -> str:
     """The last line of a failed trial's error as Tune recorded it."""
     try:
@@ -248,47 +232,70 @@ def _last_error_line(trial) -> str:
     return lines[-1] if lines else "its worker died"
 
 
+RAY_LOG = "ray.log"      # in the run folder: what Ray prints during a run
+
+
 # The running driver's run folder and live view, for ResultsCallback (see there).
 ACTIVE: dict[str, Any] = {}
 
 
-def run_trials(trials: list[Trial], opts: RunOptions, view=None) -> str:
-    """Run `trials` (x repeats) under Tune into opts.run_dir; returns ok | errors | interrupted."""
+def run_trials(trials: list[Trial], opts: RunOptions, view=None, skipped: dict[str, str] | None = None) -> str:
+    """Run `trials` (x repeats) under Tune into opts.run_dir, or resume the run there; the trials
+    named in `skipped` are planned but not trained (their rows give the reason). Returns ok |
+    errors | interrupted."""
     with RunLock(opts.run_dir):       # first: a second driver must change nothing
-        params = expand(trials, opts.repeats)
+        new = plan.Plan(plan.entries(apply_resources(trials, opts), opts.repeats, skipped))
+        todo = [e for e in new.entries if not e.get("skipped")]
         with phase(opts.timings, "read data"):
-            objects = shipped(params)     # before Ray starts: missing data fails fast
+            objects, new.inputs = shipped(todo)     # before Ray starts: missing data fails fast
+        if opts.resume:
+            _check_resumable(opts.run_dir, new)
+        else:
+            plan.write(opts.run_dir, new)
         try:
-            with ray_output_to(Path(opts.run_dir) / RAY_LOG):
-                _drive(params, opts, view, objects)
+            with process.output_to(Path(opts.run_dir) / RAY_LOG):
+                _drive(todo, opts, view, objects)
         except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
             if view is not None and hasattr(view, "warn"):
                 view.warn(f"{e}; Ray's log: {Path(opts.run_dir) / RAY_LOG}")
         except RunError:          # a run that cannot start leaves nothing behind
-            (Path(opts.run_dir) / RAY_LOG).unlink(missing_ok=True)
+            if not opts.resume:
+                for made in (Path(opts.run_dir) / RAY_LOG, plan.path(opts.run_dir)):
+                    made.unlink(missing_ok=True)
             raise
         # No trial runs now; what a killed one left is not progress of anything.
         shutil.rmtree(epoch_progress.folder(opts.run_dir), ignore_errors=True)
         with phase(opts.timings, "write results"):
             trial_rows, _ = write_results(opts.run_dir)
-    statuses = [r["status"] for r in trial_rows]
-    if len(trial_rows) < len(params) or "running" in statuses:
+    statuses = [r["status"] for r in trial_rows if not r["status"].startswith("skipped")]
+    if len(statuses) < len(todo) or "running" in statuses:
         return "interrupted"
     return "errors" if "error" in statuses else "ok"
 
 
-def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
+def _check_resumable(run_dir: Path, new: plan.Plan) -> None:
+    """Refuse, in one line, a resume that would change the run's results, that would unpickle
+    state others could have written, or that finds a checkpoint holding code; then cut any
+    result.json line torn by the crash that stopped the run."""
+    plan.check_resume(plan.read(run_dir), new)
+    exp = experiment_dir(run_dir)
+    for folder in (Path(run_dir), exp.parent, exp):
+        info = folder.stat()
+        if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RunError(f"{folder} can be written by other users; Tune's state in it is pickled and would run "
+                           f"their code on --resume: make it yours and `chmod go-w` it first")
+    checkpoint.check_all(exp)
+    experiment.repair(run_dir)
+
+
+def _drive(entries: list[dict], opts: RunOptions, view, objects: dict) -> None:
     """Connect, place and fit the Tuner; Ray is shut down whatever happens."""
-    # SIGTERM acts as Ctrl-C: inside fit Tune stops gracefully on SIGINT (fit returns); before
-    # it, the KeyboardInterrupt still shuts Ray down below.
-    as_sigint = lambda *_: os.kill(os.getpid(), signal.SIGINT)
-    previous = signal.signal(signal.SIGTERM, as_sigint)
-    try:
+    with process.sigterm_as_sigint() as again:
         with phase(opts.timings, "ray start-up"):
             saved = cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
-        signal.signal(signal.SIGTERM, as_sigint)    # again: ray.init installs one that aborts
+        again()                   # ray.init installs a SIGTERM handler that aborts
         try:
-            cluster.place(params, opts.cpus_per_trial, opts.gpus_per_trial, cluster.shapes())
+            params = cluster.place(entries, cluster.shapes(), opts.gpus_per_trial)
             if view is not None:
                 view.start(params)
             ACTIVE.update(run_dir=str(opts.run_dir), view=view, raylet=None if opts.address else _raylet())
@@ -307,5 +314,3 @@ def _drive(params: list[dict], opts: RunOptions, view, objects: dict) -> None:
         finally:
             with phase(opts.timings, "ray shutdown"):
                 cluster.disconnect(saved)
-    finally:
-        signal.signal(signal.SIGTERM, previous)

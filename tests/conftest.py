@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny datasets written in the real on-disk formats."""
+"""Shared fixtures: tiny datasets written in the real on-disk formats, training helpers, a private
+RAY_TMPDIR, and one interrupted run that several tests resume."""
 import gzip
 import math
 import pickle
+import shutil
+import signal
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,7 @@ import pytest
 import torch
 
 from raycnn import trainer
+from support import FAULT_SUITE, Background, cli_env, reported, wait_for
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -95,10 +100,42 @@ def assert_same_training(whole: dict, resumed: dict) -> None:
 
 
 @pytest.fixture
-def short_tmp():
+def ray_tmp():
     """A short private folder under /tmp, for RAY_TMPDIR (Ray's socket paths must stay under 108 bytes)."""
-    import shutil
-    import tempfile
     path = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def interrupted(tmp_path_factory):
+    """A run of FAULT_SUITE on one CPU, SIGINTed once a trial has finished and another has
+    checkpointed an epoch: (suite file, results dir, run name, its process result, a copy of
+    its run folder made right after the interrupt)."""
+    tmp = tmp_path_factory.mktemp("interrupted")
+    suite = tmp / "ft.toml"
+    suite.write_text(FAULT_SUITE)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    try:
+        res = tmp / "results"
+        run = Background("run", suite, "--synthetic", "--num-cpus", "1", "--max-concurrent", "1",
+                         "--results-dir", res, "--name", "r", env=cli_env(ray_tmp), logs=tmp / "run1")
+        try:
+            def ready():
+                trials = reported(ray_tmp).values()
+                done = [t for t in trials if t and t[-1].get("finished")]
+                going = [t for t in trials if t and not t[-1].get("finished")]
+                return done and going
+            wait_for("a finished trial and a checkpointed one", ready, timeout=900, proc=run)
+            run.proc.send_signal(signal.SIGINT)
+            rc, out, err = run.wait(timeout=300)
+        finally:
+            run.stop()
+        copy = tmp / "copy" / "results"
+        shutil.copytree(res, copy, ignore=shutil.ignore_patterns(".*.tmp"))
+        parquet = {f: (res / "r" / f).read_bytes() for f in ("trials.parquet", "epochs.parquet")}
+        yield suite, res, "r", (rc, out, err, parquet), copy
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from raycnn import results
-from test_faults import BASE_ENV, PY, free_ports, raycnn, stop_marked
+from support import BASE_ENV, PY, free_ports, raycnn, stop_marked
 
 WORKER = {"CPU": 2, "GPU": 1}
 

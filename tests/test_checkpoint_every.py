@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from raycnn import data as data_mod
-from raycnn.trainer import ConfigError, TrainConfig, fit
+from raycnn.config import TrainConfig
+from raycnn.errors import ConfigError
+from raycnn.trainer import fit
+from raycnn import datafiles
 
 
 def reported(tmp_path, **config) -> list:
-    arrays = data_mod.synthetic("mnist", sizes=(64, 64))
+    arrays = datafiles.synthetic("mnist", sizes=(64, 64))
     seen = []
     fit(TrainConfig(model="mnist_base", epochs=5, num_threads=1, **config),
         report=lambda metrics, ckpt: seen.append(ckpt is not None), checkpoint_dir=tmp_path / "ck", arrays=arrays)

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from raycnn import data
+from raycnn import augment, config, datafiles, errors
 from conftest import make_mnist
 
 
@@ -11,7 +11,7 @@ def test_mnist_idx_plain_and_gz(tmp_path):
     for compress in (False, True):
         root = tmp_path / str(compress)
         written = make_mnist(root, compress=compress)
-        arrays = data.read("mnist", root, download=False)
+        arrays = datafiles.read("mnist", root, download=False)
         assert arrays.train_x.shape == (64, 1, 28, 28) and arrays.train_x.dtype == np.uint8
         assert np.array_equal(arrays.train_x[:, 0], written["train"][0])
         assert np.array_equal(arrays.test_y, written["t10k"][1].astype(np.int64))
@@ -19,7 +19,7 @@ def test_mnist_idx_plain_and_gz(tmp_path):
 
 def test_cifar_pickles(cifar_root):
     root, written = cifar_root
-    arrays = data.read("cifar10", root, download=False)
+    arrays = datafiles.read("cifar10", root, download=False)
     assert arrays.train_x.shape == (100, 3, 32, 32) and arrays.test_x.shape == (20, 3, 32, 32)
     # Rows are stored CHW-flat: the first 1024 bytes are the red plane.
     assert np.array_equal(arrays.train_x[0, 0].ravel(), written["data_batch_1"][0][0, :1024])
@@ -27,31 +27,31 @@ def test_cifar_pickles(cifar_root):
 
 
 def test_missing_files_one_line(tmp_path):
-    with pytest.raises(data.DataError) as e:
-        data.read("cifar10", tmp_path, download=False)
+    with pytest.raises(errors.DataError) as e:
+        datafiles.read("cifar10", tmp_path, download=False)
     assert "cifar-10-batches-py" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_malformed_files(tmp_path):
     make_mnist(tmp_path)
     (tmp_path / "MNIST/raw/train-images-idx3-ubyte").write_bytes(b"\0\0\0\0garbage")
-    with pytest.raises(data.DataError, match="not an IDX file"):
-        data.read("mnist", tmp_path, download=False)
+    with pytest.raises(errors.DataError, match="not an IDX file"):
+        datafiles.read("mnist", tmp_path, download=False)
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     import pickle
-    for name in data.CIFAR_FILES["train"] + data.CIFAR_FILES["test"]:
+    for name in datafiles.CIFAR_FILES["train"] + datafiles.CIFAR_FILES["test"]:
         (folder / name).write_bytes(pickle.dumps({b"something": 1}))
-    with pytest.raises(data.DataError, match="not a CIFAR-10 python batch"):
-        data.read("cifar10", tmp_path, download=False)
+    with pytest.raises(errors.DataError, match="not a CIFAR-10 python batch"):
+        datafiles.read("cifar10", tmp_path, download=False)
 
 
 def test_synthetic_and_subset():
-    arrays = data.synthetic("cifar10", sizes=(100, 30))
+    arrays = datafiles.synthetic("cifar10", sizes=(100, 30))
     assert arrays.train_x.shape == (100, 3, 32, 32) and arrays.test_y.shape == (30,)
-    small = data.subset(arrays, 40)
+    small = datafiles.subset(arrays, 40)
     assert len(small.train_y) == 40 and len(small.test_y) == 30
-    assert data.synthetic("mnist").train_x.shape == (60_000, 1, 28, 28)
+    assert datafiles.synthetic("mnist").train_x.shape == (60_000, 1, 28, 28)
 
 
 def _images(n=16, seed=0):
@@ -66,7 +66,7 @@ def _images(n=16, seed=0):
 ])
 def test_jitter_ops_match_torchvision(op, factor, tv):
     x = _images(4)
-    ours = data.JITTER_OPS[op](x, torch.full((4,), factor))
+    ours = augment.FAST_OPS[op](x, torch.full((4,), factor))
     ref = torch.stack([tv(img, factor) for img in x])
     assert torch.allclose(ours, ref, atol=1e-5)
 
@@ -74,7 +74,7 @@ def test_jitter_ops_match_torchvision(op, factor, tv):
 def test_jitter_is_per_image():
     x = _images(2)[:1].expand(8, -1, -1, -1).contiguous()       # eight copies of one image
     g, og = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    out = data.color_jitter(x, {"brightness": (0.5, 1.5), "hue": (-0.5, 0.5)}, g, og)
+    out = augment.color_jitter(x, {"brightness": (0.5, 1.5), "hue": (-0.5, 0.5)}, g, og)
     assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
     assert len({tuple(o.flatten()[:50].tolist()) for o in out}) == 8
 
@@ -82,7 +82,7 @@ def test_jitter_is_per_image():
 def test_random_crop_matches_torchvision_crop():
     x = _images(8)
     g = torch.Generator().manual_seed(3)
-    out = data.random_crop(x, 10, g)
+    out = augment.random_crop(x, 10, g)
     assert out.shape == x.shape
     # Same offsets, drawn again from the same seed, through torchvision's functional ops.
     g = torch.Generator().manual_seed(3)
@@ -96,7 +96,7 @@ def test_random_crop_matches_torchvision_crop():
 
 def test_random_flip_per_image():
     x = _images(64)
-    out = data.random_flip(x, torch.Generator().manual_seed(0), 0.5)
+    out = augment.random_flip(x, torch.Generator().manual_seed(0), 0.5)
     flipped = [torch.equal(o, i.flip(-1)) for o, i in zip(out, x)]
     kept = [torch.equal(o, i) for o, i in zip(out, x)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
@@ -104,17 +104,17 @@ def test_random_flip_per_image():
 
 def test_pipeline_normalizes_and_resizes():
     x = (255 * _images(4)).to(torch.uint8)
-    pipe = data.Pipeline("cifar10", torch.device("cpu"), size=64)
+    pipe = augment.Pipeline("cifar10", torch.device("cpu"), size=64)
     out = pipe(x)
     assert out.shape == (4, 3, 64, 64)
-    ref = TF.normalize(TF.resize(x.float() / 255, [64, 64], antialias=False), *data.STATS["cifar10"])
+    ref = TF.normalize(TF.resize(x.float() / 255, [64, 64], antialias=False), *config.STATS["cifar10"])
     assert torch.allclose(out, ref, atol=1e-5)
-    aug = data.Pipeline("cifar10", torch.device("cpu"), crop_padding=4, flip_p=0.5,
+    aug = augment.Pipeline("cifar10", torch.device("cpu"), crop_padding=4, flip_p=0.5,
                         jitter={"brightness": (3, 10), "contrast": (3, 10), "saturation": (3, 10), "hue": (-0.5, 0.5)})
     g, og = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     out = aug(x, train=True, g=g, order_g=og)
     assert out.shape == (4, 3, 32, 32) and torch.isfinite(out).all()
-    assert torch.equal(aug(x), data.Pipeline("cifar10", torch.device("cpu"))(x))   # eval: no augmentation
+    assert torch.equal(aug(x), augment.Pipeline("cifar10", torch.device("cpu"))(x))   # eval: no augmentation
 
 
 # ---------------------------------------------------------------- ColorJitter as PIL computes it
@@ -149,7 +149,7 @@ def _from_pil(img: Image.Image) -> torch.Tensor:
 ])
 def test_faithful_ops_are_pils_byte_for_byte(op, factor):
     x = _u8_images()
-    ours = data.PIL_JITTER_OPS[op](x.float(), torch.full((len(x),), factor))
+    ours = augment.PIL_OPS[op](x.float(), torch.full((len(x),), factor))
     ref = torch.stack([_from_pil(TV_OPS[op](_pil(img), factor)) for img in x])
     assert torch.equal(ours.to(torch.uint8), ref)
 
@@ -168,7 +168,7 @@ class FixedJitter(T.ColorJitter):
 def test_faithful_jitter_is_colorjitter_on_pil_images():
     x = _u8_images(16, seed=1)
     ranges = {"brightness": (3.0, 10.0), "contrast": (3.0, 10.0), "saturation": (3.0, 10.0), "hue": (-0.5, 0.5)}
-    out = data.color_jitter_faithful(x.float() / 255, ranges, torch.Generator().manual_seed(5))
+    out = augment.color_jitter_faithful(x.float() / 255, ranges, torch.Generator().manual_seed(5))
     # The same factors and per-image order, drawn again from the seed (ops in torchvision's
     # fn_idx order: brightness 0, contrast 1, saturation 2, hue 3), through ColorJitter.forward.
     g = torch.Generator().manual_seed(5)
@@ -182,31 +182,31 @@ def test_faithful_jitter_is_colorjitter_on_pil_images():
 def test_pipeline_jitter_modes():
     x = _u8_images(8)
     jitter = {"brightness": (3, 10), "contrast": (3, 10), "saturation": (3, 10), "hue": (-0.5, 0.5)}
-    fast = data.Pipeline("cifar10", torch.device("cpu"), jitter=jitter)
-    faithful = data.Pipeline("cifar10", torch.device("cpu"), jitter=jitter, jitter_mode="faithful")
+    fast = augment.Pipeline("cifar10", torch.device("cpu"), jitter=jitter)
+    faithful = augment.Pipeline("cifar10", torch.device("cpu"), jitter=jitter, jitter_mode="faithful")
     gens = lambda: (torch.Generator().manual_seed(0), torch.Generator().manual_seed(0))
     a, b = fast(x, True, *gens()), faithful(x, True, *gens())
     assert a.shape == b.shape and not torch.equal(a, b)
-    mean, std = data.STATS["cifar10"]
+    mean, std = config.STATS["cifar10"]
     levels = b * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
     assert torch.allclose(levels * 255, (levels * 255).round(), atol=1e-3)     # 8-bit values
 
 
 @pytest.mark.parametrize("kind,dataset,mean,std", [
-    ("dataset", "cifar10", *data.STATS["cifar10"]), ("dataset", "mnist", *data.STATS["mnist"]),
+    ("dataset", "cifar10", *config.STATS["cifar10"]), ("dataset", "mnist", *config.STATS["mnist"]),
     ("half", "cifar10", (0.5,) * 3, (0.5,) * 3), ("half", "mnist", (0.5,), (0.5,)),
     ("imagenet", "cifar10", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 ])
 def test_normalization_is_the_declared_one(kind, dataset, mean, std):
-    c, h, w = data.SHAPES[dataset]
+    c, h, w = config.SHAPES[dataset]
     x = torch.randint(0, 256, (2, c, h, w), dtype=torch.uint8)
-    out = data.Pipeline(dataset, torch.device("cpu"), normalize=kind)(x)
+    out = augment.Pipeline(dataset, torch.device("cpu"), normalize=kind)(x)
     assert torch.allclose(out, TF.normalize(x.float() / 255, mean, std), atol=1e-6)
 
 
 def test_hold_out_is_a_fixed_split():
-    a = data.synthetic("mnist", seed=0, sizes=(100, 10))
-    split = data.hold_out(a, 0.2)
+    a = datafiles.synthetic("mnist", seed=0, sizes=(100, 10))
+    split = datafiles.hold_out(a, 0.2)
     assert (len(split.train_y), len(split.val_y), len(split.test_y)) == (80, 20, 10)
-    assert np.array_equal(data.hold_out(a, 0.2).val_x, split.val_x)        # the same every time
-    assert data.hold_out(a, 0.0) is a
+    assert np.array_equal(datafiles.hold_out(a, 0.2).val_x, split.val_x)        # the same every time
+    assert datafiles.hold_out(a, 0.0) is a

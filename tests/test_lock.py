@@ -257,6 +257,7 @@ def test_a_second_driver_refuses_and_changes_nothing(tmp_path, children):
     run = tmp_path / "results" / "r"
     (run / "tune" / "experiment").mkdir(parents=True)
     (run / "trials.parquet").write_bytes(b"PAR1 earlier trials")
+    (run / "plan.json").write_text('{"entries": []}')
     holder = children(HOLDER, run)
     assert read_line(holder) == "held\n"
     before = tree(run)

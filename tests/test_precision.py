@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from conftest import assert_same_training, whole_and_resumed
-from raycnn import data, trainer
-from raycnn.trainer import TrainConfig
+from raycnn import memory, trainer
+from raycnn.config import TrainConfig
+from raycnn import datafiles
 
 # cifar_base: fp16 convolution backward on the CPU is slow (~0.5 s a batch of 64 for LeNet, ~50 s
 # for mnist_base), so the small net and few images keep these tests to seconds.
-CIFAR = data.synthetic("cifar10", seed=3, sizes=(256, 128))
+CIFAR = datafiles.synthetic("cifar10", seed=3, sizes=(256, 128))
 
 
 def fake_gpu(monkeypatch, major: int, emulated_bf16: bool) -> None:
@@ -61,11 +62,11 @@ def test_fp16_scales_the_loss_on_cpu(tmp_path):
     assert scaler and scaler["scale"] > 1          # an enabled GradScaler, not fp16 without one
 
 
-@pytest.mark.skipif(not trainer.PROC_STATUS.exists(), reason="per-trial CPU peak needs Linux's /proc")
+@pytest.mark.skipif(not memory.PROC_STATUS.exists(), reason="per-trial CPU peak needs Linux's /proc")
 def test_peak_memory_is_the_trials_own():
     big = np.ones(300 * 2**20 // 8)           # 300 MiB touched: an earlier, bigger trial in this process
     assert big.sum() > 0
     del big
-    earlier = trainer.peak_memory_mb(torch.device("cpu"))      # includes those 300 MiB
-    small = trainer.fit(cfg(epochs=1), arrays=data.subset(CIFAR, 64))
+    earlier = memory.peak_mb(torch.device("cpu"))      # includes those 300 MiB
+    small = trainer.fit(cfg(epochs=1), arrays=datafiles.subset(CIFAR, 64))
     assert small["history"][0]["peak_mem_mb"] < earlier - 150, (small["history"][0]["peak_mem_mb"], earlier)

@@ -38,7 +38,7 @@ name = "long"
 
 
 @pytest.fixture
-def private_run(tmp_path, short_tmp):
+def private_run(tmp_path, ray_tmp):
     """A `raycnn run` in progress with a trial training (its progress file exists); yields the
     driver's psutil.Process and the HOME it runs with; stopped by its pid afterwards."""
     suite = tmp_path / "sec.toml"
@@ -46,7 +46,7 @@ def private_run(tmp_path, short_tmp):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(short_tmp),
+    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=str(ray_tmp),
                RAYCNN_PROGRESS_S="0.2")
     run_dir = tmp_path / "runs" / "r"
     with open(tmp_path / "out", "w") as out:

@@ -15,12 +15,13 @@ import pytest
 from rich.console import Console
 
 from conftest import timeless
-from raycnn import data, epoch_progress, trainer
+from raycnn import epoch_progress, trainer
 from raycnn.live import LiveView
-from raycnn.trainer import TrainConfig
+from raycnn.config import TrainConfig
+from raycnn import datafiles
 
 ROOT = Path(__file__).resolve().parents[1]
-MNIST = data.synthetic("mnist", seed=1, sizes=(1000, 200))
+MNIST = datafiles.synthetic("mnist", seed=1, sizes=(1000, 200))
 
 
 def cfg(**kw):

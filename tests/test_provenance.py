@@ -2,6 +2,7 @@
 and --weights files (read once by the driver, shipped through the object store)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ def test_weights_are_read_by_the_driver_and_shipped(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"state dict bytes")
     params = [{"config": {"model": "mnist_base", "synthetic": True, "weights": str(weights)}}]
-    objects = shipped(params)
+    objects, digests = shipped(params)
     assert objects[weights_key(str(weights))] == b"state dict bytes"
     assert set(objects) == {"mnist-synthetic", weights_key(str(weights))}
+    # the plan keeps the inputs by content, so a resume can tell another file at the same path
+    assert digests["weights"] == hashlib.sha256(b"state dict bytes").hexdigest() and set(digests) == {"mnist-synthetic", "weights"}

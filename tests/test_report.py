@@ -123,7 +123,3 @@ def test_report_cli_writes_a_page_and_refuses_bad_input(tmp_path, capsys):
     assert out.read_text() == page                                # the earlier page survives
 
 
-def test_report_does_not_import_ray():
-    code = "import sys, raycnn.report, raycnn.cli; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.stdout.strip() == "False", out.stderr[-2000:]

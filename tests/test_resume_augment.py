@@ -1,10 +1,10 @@
 """Exact resume with crop, flip and colour jitter on: their random streams (the device generator
 for per-image parameters, the CPU generator for jitter's op order) are restored from the checkpoint."""
 from conftest import assert_same_training, whole_and_resumed
-from raycnn import data
-from raycnn.trainer import TrainConfig
+from raycnn.config import TrainConfig
+from raycnn import datafiles
 
-CIFAR = data.synthetic("cifar10", seed=4, sizes=(512, 128))
+CIFAR = datafiles.synthetic("cifar10", seed=4, sizes=(512, 128))
 
 
 def test_resume_with_crop_flip_jitter_is_exact(tmp_path):

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycnn import data, models, suites, trainer
-from raycnn.suites import SuiteError
-from raycnn.trainer import TrainConfig
+from raycnn import models, suites, trainer
+from raycnn.errors import SuiteError
+from raycnn.config import MODELS, TrainConfig, normalization
+from raycnn import augment, config
 
 # The bundled suites and the study suites (suite files run by path, kept under benchmarks/).
 STUDIES = Path(__file__).resolve().parent.parent / "benchmarks" / "studies"
@@ -141,11 +142,11 @@ def test_every_written_knob_reaches_config_and_pipeline(path):
             assert getattr(config, key) == getattr(TrainConfig.from_dict({key: value}), key), (name, key)
         pipe = trainer.build_pipeline(config, torch.device("cpu"))
         on = set(config.augment)
-        assert pipe.jitter == ({k: getattr(config, k) for k in data.JITTER_OPS} if "jitter" in on else {}), name
+        assert pipe.jitter == ({k: getattr(config, k) for k in augment.FAST_OPS} if "jitter" in on else {}), name
         assert (pipe.crop_padding, pipe.flip_p, pipe.jitter_mode) == (
             config.crop_padding if "crop" in on else 0, config.flip_p if "flip" in on else 0.0, config.jitter_mode)
-        assert pipe.size == (config.image_size or models.MODELS[config.model].input_size)
-        mean, std = data.normalization(config.normalize, config.dataset_name)
+        assert pipe.size == (config.image_size or MODELS[config.model].input_size)
+        mean, std = normalization(config.normalize, config.dataset_name)
         assert torch.equal(pipe.mean.flatten(), torch.tensor(mean)) and torch.equal(pipe.std.flatten(), torch.tensor(std))
 
 

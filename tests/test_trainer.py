@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from conftest import assert_same_training, whole_and_resumed
-from raycnn import data, trainer
-from raycnn.trainer import ConfigError, TrainConfig
+from raycnn import checkpoint, trainer
+from raycnn.outcome import outcome
+from raycnn.config import TrainConfig
+from raycnn.errors import ConfigError
+from raycnn import datafiles
 
 # Small synthetic sets keep these tests to seconds on a 2-core CPU.
-MNIST = data.synthetic("mnist", seed=1, sizes=(1024, 256))
-CIFAR = data.synthetic("cifar10", seed=1, sizes=(1024, 256))
+MNIST = datafiles.synthetic("mnist", seed=1, sizes=(1024, 256))
+CIFAR = datafiles.synthetic("cifar10", seed=1, sizes=(1024, 256))
 
 
 def cfg(**kw):
@@ -80,7 +83,7 @@ def test_early_stopping_reports_the_best_epoch(tmp_path):
     assert (result["epochs_done"], result["reported_epoch"], result["best_epoch"]) == (2, 1, 1)
     assert result["final_test_acc"] == history[0]["test_acc"]
     # best.pt holds the reported model: evaluated again, it gives the headline exactly.
-    best = torch.load(tmp_path / trainer.BEST_FILE, weights_only=False)
+    best = torch.load(tmp_path / checkpoint.BEST_FILE, weights_only=True)
     assert best["epoch"] == 1
     training = trainer.build_training(cfg(), MNIST)
     training.model.load_state_dict(best["model"])
@@ -125,27 +128,30 @@ def history(*rows, last_status="ok"):
     ([(0.5, math.nan)], "running", ("running", False, 0.5, 1, 0.5, 1)),
 ])
 def test_outcome_one_rule(rows, status, want):
-    got = trainer.outcome(history(*rows, last_status=status))
+    got = outcome(history(*rows, last_status=status))
     keys = ("status", "early_stopped", "final_test_acc", "reported_epoch", "best_test_acc", "best_epoch")
     assert [got[k] for k in keys] == pytest.approx(list(want), nan_ok=True)
-    assert trainer.outcome([])["status"] == "running"
+    assert outcome([])["status"] == "running"
 
 
-def test_tune_rows_use_the_trainers_outcome():
-    from raycnn import experiment    # Tune's rows must not decide anything differently
-    epochs = [m | {"finished": m["status"] != "running", "time_total_s": 1.0} for m in
-              history((0.5, math.nan), (0.7, math.nan), (0.6, math.nan), last_status="stopped")]
-    meta = {k: "x" for k in experiment.TRIAL_META} | {"config": {}, "gpus": 0.0, "cpus": 1}
-    row = experiment._trial_row(meta, epochs, [])
-    want = trainer.outcome(epochs)
-    assert {k: row[k] for k in want} == want and row["final_test_acc"] == 0.7
+def test_a_trials_row_is_what_fit_reported():
+    from raycnn import experiment    # the rows are fit's reports, not a second opinion on them
+    reports = []
+    config = TrainConfig(model="mnist_base", epochs=3, early_stopping_patience=1, max_train_samples=256,
+                         synthetic=True, lr=0.05)
+    result = trainer.fit(config, report=lambda m, _: reports.append(m | {"time_total_s": 1.0}))
+    entry = {k: "x" for k in experiment.TRIAL_FIELDS} | {"config": config.to_dict(), "gpus": 0.0, "cpus": 1}
+    row = experiment._trial_row(entry, reports, [])
+    keys = outcome([]).keys()
+    assert {k: row[k] for k in keys} == pytest.approx({k: result[k] for k in keys}, nan_ok=True)
+    assert row["epochs_done"] == len(reports) and row["status"] == "ok"
 
 
 def test_pretrained_modes(tmp_path):
     import torchvision
     weights = tmp_path / "imagenet.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    small = data.synthetic("cifar10", seed=2, sizes=(128, 64))
+    small = datafiles.synthetic("cifar10", seed=2, sizes=(128, 64))
     base = dict(model="resnet18", pretrained=True, weights=str(weights), epochs=1, eval_batch_size=64)
     zero = trainer.fit(cfg(**base, finetune="zero-shot"), arrays=small)
     assert zero["epochs_done"] == 0 and len(zero["history"]) == 1

@@ -3,196 +3,19 @@
 A split is one uint8 tensor (N, C, H, W) plus int64 labels. Each epoch draws a permutation on
 the device and every transform runs on whole batches with per-image random parameters, so the
 hot path has no PIL, no DataLoader workers and no host round trip (the airbench approach).
-
-Files are read in torchvision's layout under a data root: `MNIST/raw/*-ubyte[.gz]` and
-`cifar-10-batches-py/{data_batch_1..5,test_batch}`. CIFAR batches are unpickled directly, with
-their structure checked but no md5, so re-encoded copies load.
+The colour jitter comes in two modes: fast (float ops, op order per batch) and faithful (Pillow's
+8-bit arithmetic and a per-image op order, as torchvision's ColorJitter on PIL images).
 """
 from __future__ import annotations
 
-import gzip
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Per-channel statistics of the training sets (the usual published values), for Normalize.
-STATS = {
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
-# The statistics torchvision's ImageNet weights were trained with.
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-# Which Normalize(mean, std) a trial uses (the config's `normalize`), by dataset name:
-# dataset = its own training-set statistics, half = 0.5 everywhere (the PyTorch CIFAR-10
-# tutorial's Normalize), imagenet = what pretrained torchvision weights expect.
-NORMALIZATIONS = {
-    "dataset": lambda name: STATS[name],
-    "half": lambda name: ((0.5,) * SHAPES[name][0], (0.5,) * SHAPES[name][0]),
-    "imagenet": lambda name: IMAGENET_STATS,
-}
-SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+from raycnn.config import normalization
+from raycnn.datafiles import Arrays
 
-
-def normalization(kind: str, dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel for normalization `kind` (a key of NORMALIZATIONS) on `dataset`."""
-    return NORMALIZATIONS[kind](dataset)
-SIZES = {"mnist": (60_000, 10_000), "cifar10": (50_000, 10_000)}
-MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
-CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-
-
-class DataError(RuntimeError):
-    """Data files are missing or malformed; the message is one line for the user."""
-
-
-@dataclass
-class Arrays:
-    """A dataset as numpy arrays: images uint8 (N, C, H, W), labels int64 (N,); a validation
-    split only where one was held out of the training set (see `hold_out`)."""
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-    val_x: np.ndarray | None = None
-    val_y: np.ndarray | None = None
-
-
-# ---------------------------------------------------------------- reading files
-
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    """An IDX file (MNIST's format), plain or .gz."""
-    for candidate in (path, path.with_name(path.name + ".gz")):
-        if candidate.exists():
-            opener = gzip.open if candidate.suffix == ".gz" else open
-            with opener(candidate, "rb") as f:
-                raw = f.read()
-            break
-    else:
-        raise FileNotFoundError(path)
-    head = np.frombuffer(raw[:4], ">u4")[0]
-    if head != magic:
-        raise DataError(f"{candidate}: not an IDX file (magic {head}, expected {magic})")
-    ndim = magic & 0xFF
-    dims = np.frombuffer(raw[4:4 + 4 * ndim], ">u4").astype(int)
-    data = np.frombuffer(raw[4 + 4 * ndim:], np.uint8).copy()   # writable, for torch
-    if data.size != int(np.prod(dims)):
-        raise DataError(f"{candidate}: {data.size} bytes of data, header says {tuple(dims)}")
-    return data.reshape(dims)
-
-
-def read_mnist(root: Path) -> Arrays:
-    """MNIST from ROOT/MNIST/raw (IDX files, decompressed or the published .gz)."""
-    raw = Path(root) / "MNIST" / "raw"
-    out = []
-    for split in ("train", "test"):
-        images, labels = MNIST_FILES[split]
-        x = _read_idx(raw / images, 2051)[:, None]
-        y = _read_idx(raw / labels, 2049).astype(np.int64)
-        if len(x) != len(y):
-            raise DataError(f"{raw}: {len(x)} {split} images but {len(y)} labels")
-        out += [x, y]
-    return Arrays(*out)
-
-
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise DataError(f"{path}: not a CIFAR-10 python batch (needs 'data' and 'labels')")
-    data = np.asarray(batch[b"data"], np.uint8)
-    labels = np.asarray(batch[b"labels"], np.int64)
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise DataError(f"{path}: data {data.shape} / labels {labels.shape}, expected (N, 3072) / (N,)")
-    return data.reshape(-1, 3, 32, 32), labels
-
-
-def read_cifar10(root: Path) -> Arrays:
-    """CIFAR-10 from ROOT/cifar-10-batches-py (python pickles, no md5 check)."""
-    folder = Path(root) / "cifar-10-batches-py"
-    out = []
-    for split in ("train", "test"):
-        parts = [_read_cifar_batch(folder / name) for name in CIFAR_FILES[split]]
-        out += [np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])]
-    return Arrays(*out)
-
-
-READERS = {"mnist": read_mnist, "cifar10": read_cifar10}
-DOWNLOADERS = {"mnist": "MNIST", "cifar10": "CIFAR10"}
-WHERE = {
-    "mnist": "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-    "cifar10": "cifar-10-batches-py/{data_batch_1..5,test_batch}",
-}
-
-
-def _download(name: str, root: Path) -> None:
-    import torchvision.datasets as tvd   # only on this cold path
-    getattr(tvd, DOWNLOADERS[name])(str(root), train=True, download=True)
-
-
-def read(name: str, root: str | Path, download: bool = True) -> Arrays:
-    """Read dataset `name` (mnist|cifar10) under `root`; if its files are missing, download
-    them through torchvision when `download` and the network allow, else raise DataError."""
-    if name not in READERS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(READERS)}")
-    root = Path(root).expanduser()
-    try:
-        return READERS[name](root)
-    except (FileNotFoundError, NotADirectoryError) as missing:
-        if download:
-            try:
-                _download(name, root)
-                return READERS[name](root)
-            except Exception:
-                pass
-        raise DataError(f"{name} files not found ({missing.filename}) and could not be downloaded: "
-                        f"put {WHERE[name]} under {root}") from None
-
-
-def synthetic(name: str, seed: int = 0, sizes: tuple[int, int] | None = None) -> Arrays:
-    """Random images with the dataset's shapes and sizes and a learnable signal: each class has
-    a fixed random template and an image is its template plus as much uniform noise. Drawn as
-    uint8 directly, so full-size CIFAR-10 takes well under a second."""
-    g = np.random.default_rng(seed)
-    shape = SHAPES[name]
-    templates = g.integers(0, 128, (10, *shape), dtype=np.uint8)
-    out = []
-    for n in sizes or SIZES[name]:
-        y = g.integers(0, 10, n)
-        x = (np.frombuffer(g.bytes(n * int(np.prod(shape))), np.uint8) >> 1).reshape(n, *shape)
-        x += templates[y]        # (>> 1 made a writable copy in [0, 127]; the sum stays below 255)
-        out += [x, y.astype(np.int64)]
-    return Arrays(*out)
-
-
-def subset(arrays: Arrays, max_train_samples: int | None) -> Arrays:
-    """The first `max_train_samples` training images (the test split stays whole)."""
-    if not max_train_samples or max_train_samples >= len(arrays.train_y):
-        return arrays
-    n = max_train_samples
-    return Arrays(arrays.train_x[:n], arrays.train_y[:n], arrays.test_x, arrays.test_y)
-
-
-def hold_out(arrays: Arrays, fraction: float) -> Arrays:
-    """Move `fraction` of the training images into a validation split. The choice is one fixed
-    random draw (seed 0), so every trial and every seed of a suite selects on the same images."""
-    if not fraction:
-        return arrays
-    n = len(arrays.train_y)
-    k = max(1, round(n * fraction))
-    order = np.random.default_rng(0).permutation(n)
-    val, train = np.sort(order[:k]), np.sort(order[k:])
-    return Arrays(arrays.train_x[train], arrays.train_y[train], arrays.test_x, arrays.test_y,
-                  arrays.train_x[val], arrays.train_y[val])
-
-
-# ---------------------------------------------------------------- on the device
 
 @dataclass
 class DeviceData:
@@ -303,7 +126,7 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return table.gather(0, i[None, None].expand(1, 3, *i.shape)).squeeze(0).permute(1, 0, 2, 3).clamp(0, 1)
 
 
-JITTER_OPS = {"brightness": adjust_brightness, "contrast": adjust_contrast,
+FAST_OPS = {"brightness": adjust_brightness, "contrast": adjust_contrast,
               "saturation": adjust_saturation, "hue": adjust_hue}
 
 
@@ -320,7 +143,7 @@ def color_jitter(x: torch.Tensor, ranges: dict[str, tuple[float, float]], g: tor
     for k in torch.randperm(len(items), generator=order_g).tolist():
         name, (lo, hi) = items[k]
         f = lo + (hi - lo) * torch.rand(n, device=x.device, generator=g)
-        x = JITTER_OPS[name](x, f)
+        x = FAST_OPS[name](x, f)
     return x
 
 
@@ -406,14 +229,14 @@ def pil_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb_u8((h + shift) % 256, s, v).to(x.dtype)
 
 
-PIL_JITTER_OPS = {"brightness": pil_brightness, "contrast": pil_contrast,
+PIL_OPS = {"brightness": pil_brightness, "contrast": pil_contrast,
                   "saturation": pil_saturation, "hue": pil_hue}
 
 
 def color_jitter_faithful(x: torch.Tensor, ranges: dict[str, tuple[float, float]],
                           g: torch.Generator) -> torch.Tensor:
     """ColorJitter as torchvision runs it on PIL images: factors and op order drawn per image,
-    each op on 8-bit values (see PIL_JITTER_OPS). `x` holds floats in [0, 1] that are multiples
+    each op on 8-bit values (see PIL_OPS). `x` holds floats in [0, 1] that are multiples
     of 1/255 (an uint8 image, perhaps cropped or flipped); so is the result.
 
     Batched by position: at step k every image runs the op its own order puts k-th, so the
@@ -428,17 +251,14 @@ def color_jitter_faithful(x: torch.Tensor, ranges: dict[str, tuple[float, float]
         for k, name in enumerate(names):
             idx = (order[:, step] == k).nonzero().flatten()
             if len(idx):
-                u8[idx] = PIL_JITTER_OPS[name](u8[idx], factors[idx, k])
+                u8[idx] = PIL_OPS[name](u8[idx], factors[idx, k])
     return u8 / 255
-
-
-JITTER_MODES = ("fast", "faithful")
 
 
 class Pipeline:
     """uint8 batch -> float batch for the model: scale to [0, 1], augment (training only: crop,
     flip, jitter, in the report's order), resize where the model needs it, normalize with the
-    statistics `normalize` names (see NORMALIZATIONS). Built once per trial, so its constants
+    statistics `normalize` names (see config.NORMALIZATIONS). Built once per trial, so its constants
     live on the device."""
 
     def __init__(self, dataset: str, device: torch.device, crop_padding: int = 0, flip_p: float = 0.0,

@@ -1,0 +1,51 @@
+"""Checkpoint files: what a trial writes after an epoch to resume from (state.pt) and the best
+epoch's model (best.pt), and the one way they are read back.
+
+Reading never runs code: `torch.load(weights_only=True)` builds tensors and plain containers
+only, and refuses a file whose pickle asks for anything else (a run folder, copied from a
+shared filesystem or a bucket, is not trusted to hold only what raycnn wrote).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from raycnn.errors import CheckpointError
+from raycnn.files import atomic
+
+STATE_FILE = "state.pt"          # everything needed to resume: model, optimizer, scheduler, RNGs, progress
+BEST_FILE = "best.pt"            # the best epoch's model, beside the last epoch's state
+
+
+def save(state: dict, directory: str | Path, name: str = STATE_FILE) -> Path:
+    """Write `state` to directory/name, atomically and durably."""
+    return atomic(Path(directory) / name, lambda tmp: torch.save(state, tmp))
+
+
+def read(path: str | Path, mmap: bool = False) -> dict:
+    """A checkpoint's contents, on the CPU; CheckpointError (one line) if the file cannot be
+    read or holds anything but tensors and plain values. `mmap` maps tensors instead of
+    reading them (for checking a file without loading it)."""
+    path = Path(path)
+    path = path / STATE_FILE if path.is_dir() else path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:      # torch raises several types for a bad file; all mean "not loaded"
+        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"checkpoint {path} refused ({type(e).__name__}: {detail})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} refused: not a raycnn checkpoint")
+    return state
+
+
+def check_all(folder: str | Path) -> int:
+    """Read every checkpoint file under `folder` the safe way; the number checked, or
+    CheckpointError naming the first that is refused."""
+    files = sorted(p for name in (STATE_FILE, BEST_FILE) for p in Path(folder).rglob(name))
+    for path in files:
+        try:
+            read(path, mmap=False)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; remove it to train that trial again from scratch") from None
+    return len(files)
