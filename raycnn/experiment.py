@@ -146,8 +146,9 @@ def _trial_row(meta: dict, reports: list[dict], errors: list[str], tune_status: 
 
 def _skipped_row(meta: dict) -> dict:
     """The row of a trial the run did not train, saying why (its cell in the tables)."""
-    return {k: meta[k] for k in TRIAL_FIELDS} | meta["config"] | outcome([]) | {
-        "status": f"skipped: {meta['skipped']}", "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"]}
+    return {k: meta[k] for k in TRIAL_FIELDS} | meta["config"] | {
+        "status": f"skipped: {meta['skipped']}", "final_test_acc": math.nan, "best_test_acc": math.nan,
+        "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"]}
 
 
 def write_results(run_dir: Path) -> tuple[list[dict], list[dict]]:

@@ -1,10 +1,12 @@
 """The reproduction report as one page: `raycnn report RUN [RUN ...]`.
 
-Several runs laid together by `tables.combine`'s rule, then per report table: the grid of
-`tables.sheets` (ours beside the report's, coloured by |ours - report|), its figure from
-`plots.figure`, and per cell where the number came from (device, precision, epochs, seeds,
-wall time, images/s, versions, git revision). Every cell of the report's grid that these runs
-did not fill, or filled below the report's budget, is listed with the reason.
+Several runs laid together by `tables.combine`'s rule; first one figure of the whole
+reproduction (`plots.reproduction_figure`: ours against the report's for every cell), then per
+report table: the grid of `tables.sheets` (ours beside the report's, coloured by
+|ours - report|), its figure (`plots.TableFigure`), and per cell where the number came from
+(device, precision, epochs, seeds, wall time, images/s, versions, git revision). Every cell of
+the report's grid that these runs did not fill, that failed, or that ran below the report's
+budget, is listed with the reason.
 
 HTML is one self-contained file (CSS inline, figures as base64 PNG, no script, nothing fetched);
 Markdown is a text file plus one PNG per figure beside it.
@@ -22,31 +24,41 @@ from pathlib import Path
 import pandas as pd
 
 from raycnn import plots, results, suites, tables
-from raycnn.results import atomic
+from raycnn.files import atomic
 
 TITLE = "Reproduction of the CNN course report"
 NOT_RUN = "not run"
-DPI = 90     # 1080 x 675 pixels a figure: sharp in a 1180-pixel page, ~150 kB each
+SKIPPED = "skipped"          # the start of a skipped cell's status ("skipped: needs ...", cli.add_skipped)
+FAILED = "error"             # a trial that failed for good (experiment.py)
+REPRODUCTION = "reproduction"   # the whole reproduction's figure: its key and file name
+GAPS_TITLE = "Cells not run, failed, or below the report's budget"
+DPI = 90     # a 12-inch figure is 1080 pixels: sharp in a 1180-pixel page
 # Why a grid cell is empty, first match wins: what a trial of the bundled grid needs that these
 # runs did not have. Checked on the suite's declared trial.
-NEEDS = ((lambda t: t.config.pretrained, "needs ImageNet weights (--weights FILE)"),
+NEEDS = ((lambda t: t.config.pretrained, suites.NEEDS_WEIGHTS),
          (lambda t: t.gpus_per_trial >= 0.5, "sized for a GPU (the suite gives it {gpus:g} GPU)"))
 # Cell colour (tables' rich style names) -> CSS class of the HTML page.
 STYLE_CLASS = {"green": "near", "yellow": "off", "red": "far", "dim": "none", "": "none"}
 # Provenance: column title -> how to show it for one trial's rows (its repeats).
+# Every column may be missing or NaN in a row (a trial that failed before its first epoch, a
+# run made before the column existed): each shows what there is, else "".
 PROVENANCE = {
     "run": lambda g: _joined(g["source"]),
-    "device": lambda g: _joined(g.get("device", pd.Series(dtype=object))),
-    "precision": lambda g: _joined(g.get("precision", pd.Series(dtype=object))),
-    "epochs": lambda g: _joined(g["epochs_done"].astype(int).astype(str)) if "epochs_done" in g else "",
-    "seeds": lambda g: ", ".join(str(int(s)) for s in sorted(g["seed"])) if "seed" in g else "",
-    "wall time": lambda g: _minutes(g["wall_seconds"].sum()) if "wall_seconds" in g else "",
-    "images/s": lambda g: f"{g['images_per_s'].mean():,.0f}" if "images_per_s" in g else "",
-    "torch": lambda g: _joined(g.get("torch_version", pd.Series(dtype=object))),
-    "ray": lambda g: _joined(g.get("ray_version", pd.Series(dtype=object))),
-    "python": lambda g: _joined(g.get("python_version", pd.Series(dtype=object))),
-    "git": lambda g: _joined(g.get("git_rev", pd.Series(dtype=object))),
+    "device": lambda g: _joined(_column(g, "device")),
+    "precision": lambda g: _joined(_column(g, "precision")),
+    "epochs": lambda g: _joined(_column(g, "epochs_done").dropna().astype(int)),
+    "seeds": lambda g: ", ".join(str(int(s)) for s in sorted(_column(g, "seed").dropna())),
+    "wall time": lambda g: _minutes(_column(g, "wall_seconds").sum(min_count=1)),
+    "images/s": lambda g: _rate(_column(g, "images_per_s").mean()),
+    "torch": lambda g: _joined(_column(g, "torch_version")),
+    "ray": lambda g: _joined(_column(g, "ray_version")),
+    "python": lambda g: _joined(_column(g, "python_version")),
+    "git": lambda g: _joined(_column(g, "git_rev")),
 }
+
+
+def _column(g: pd.DataFrame, name: str) -> pd.Series:
+    return g[name] if name in g else pd.Series(dtype=float)
 
 
 def _joined(values: pd.Series) -> str:
@@ -55,6 +67,33 @@ def _joined(values: pd.Series) -> str:
 
 def _minutes(seconds: float) -> str:
     return "" if pd.isna(seconds) else f"{seconds / 60:.1f} min"
+
+
+def _rate(per_s: float) -> str:
+    return "" if pd.isna(per_s) else f"{per_s:,.0f}"
+
+
+def _ran(statuses: pd.Series) -> pd.Series:
+    """Which rows ran (finished, diverged or failed), as opposed to grid cells not in these runs
+    and cells skipped before they started."""
+    return (statuses != NOT_RUN) & ~statuses.astype(str).str.startswith(SKIPPED)
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A figure of the page: key (a table title, or REPRODUCTION), file-name slug, alt text (what
+    it is), caption (how to read it), PNG."""
+    key: str
+    slug: str
+    alt: str
+    caption: str
+    png: bytes
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    return buf.getvalue()
 
 
 @dataclass
@@ -67,15 +106,16 @@ class Report:
     gaps: pd.DataFrame          # table, row, column, name, reason
 
     @cached_property
-    def figures(self) -> list[tuple[str, str, bytes]]:
-        """(table, file-name slug, PNG bytes) per table with epoch rows, in table order."""
-        found = plots.table_curves(self.trials, self.epochs) if len(self.epochs) else []
-        out = []
-        for (table, curves), slug in zip(found, plots.slugs([t for t, _ in found])):
-            buf = io.BytesIO()
-            plots.figure(table, curves).savefig(buf, format="png", dpi=DPI)
-            out.append((table, slug, buf.getvalue()))
-        return out
+    def figures(self) -> list[Drawn]:
+        """The reproduction's figure (when a cell has both numbers), then one per report table
+        with a number of ours, in table order."""
+        found = plots.table_figures(self.trials, self.epochs)
+        whole = plots.reproduction_figure(self.trials)
+        drawers = [] if whole is None else [(REPRODUCTION, plots.REPRODUCTION_TITLE, plots.REPRODUCTION_CAPTION,
+                                             lambda: whole)]
+        drawers += [(f.title, f"{f.title}: {f.kind_name}", f.caption, f.draw) for f in found]
+        return [Drawn(key, slug, alt, caption, _png(draw()))
+                for (key, alt, caption, draw), slug in zip(drawers, plots.slugs([d[0] for d in drawers]))]
 
 
 def _grid() -> dict[str, suites.Trial]:
@@ -103,6 +143,17 @@ def _short_of(row, grid: dict[str, suites.Trial]) -> str:
     return f"{row['budget']} budget: " + ", ".join(parts)
 
 
+def _gap(row, grid: dict[str, suites.Trial]) -> str:
+    """Why a trial row's cell is not the report's number at the report's budget, or ""."""
+    status = str(row["status"])
+    if status.startswith(SKIPPED):
+        return status.split(":", 1)[-1].strip()
+    if status == FAILED:
+        error = row.get("error")
+        return "failed" + (f": {error}" if isinstance(error, str) and error else "")
+    return _short_of(row, grid)
+
+
 def collect(run_dirs: list[str]) -> Report:
     """The runs laid together (later run wins, repeats of one config pool: `tables.combine`),
     the bundled grid's cells they miss added as "not run" rows, and the reasons."""
@@ -117,12 +168,7 @@ def collect(run_dirs: list[str]) -> Report:
     kept = set(zip(trials["source"], trials["name"], trials["repeat"]))
     epochs = pd.concat([e.assign(source=name) for name, _, e in loaded], ignore_index=True)
     epochs = epochs[[k in kept for k in zip(epochs["source"], epochs["name"], epochs["repeat"])]]
-    gaps = []
-    for _, r in trials.drop_duplicates("name").iterrows():
-        if str(r["status"]).startswith("skipped"):
-            gaps.append((r["name"], str(r["status"]).split(":", 1)[-1].strip()))
-        elif _short_of(r, grid):
-            gaps.append((r["name"], _short_of(r, grid)))
+    gaps = [(r["name"], why) for _, r in trials.drop_duplicates("name").iterrows() if (why := _gap(r, grid))]
     missing = [t for name, t in grid.items() if name not in set(trials["name"])]
     for t in missing:
         need = next((text.format(gpus=t.gpus_per_trial) for test, text in NEEDS if test(t)), "")
@@ -145,8 +191,9 @@ def collect(run_dirs: list[str]) -> Report:
 
 
 def provenance(report: Report) -> pd.DataFrame:
-    """One row per trial that ran: table, row, column, name and the PROVENANCE columns."""
-    ran = report.trials[report.trials["status"] != NOT_RUN]
+    """One row per trial that ran (a failed one too; not a skipped one): table, row, column, name
+    and the PROVENANCE columns."""
+    ran = report.trials[_ran(report.trials["status"])]
     rows = []
     for name, g in ran.groupby("name", sort=False):
         first = g.iloc[0]
@@ -158,11 +205,11 @@ def provenance(report: Report) -> pd.DataFrame:
 def _counts(report: Report) -> str:
     """One line: how many of the grid's cells ran and how close they came."""
     s = tables.fold_repeats(report.trials)
-    ran = s[s["status"] != NOT_RUN]
+    ran = s[_ran(s["status"])]
     pts = (ran["diff"].abs() * 100).round(6)
     return (f"{len(ran)} of {len(s)} cells run from {len(report.runs)} run(s): {int((pts <= 1).sum())} within "
             f"1 point of the report, {int(((pts > 1) & (pts <= 3)).sum())} within 3, {int((pts > 3).sum())} "
-            f"further off; {len(report.gaps)} cell(s) not run or below the report's budget (listed at the end).")
+            f"further off; {len(report.gaps)} cell(s) not run, failed, or below the report's budget (listed at the end).")
 
 
 # ---------------------------------------------------------------- HTML
@@ -179,6 +226,7 @@ td.none { color: #888; background: #fafafa; }
 .key span { display: inline-block; padding: .1em .6em; margin-right: .4em; border: 1px solid #ccc; }
 .key .near { background: #dff3e3; } .key .off { background: #fff1c2; } .key .far { background: #fbd5d5; }
 figure { margin: 0 0 1em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; margin-top: .2em; }
 details { margin: .4em 0 1em; } summary { cursor: pointer; color: #0b57d0; }
 table.details td, table.details th, table.gaps td, table.gaps th { font-size: .85em; text-align: left; }
 table.gaps td:nth-child(3), table.gaps td:nth-child(4) { white-space: nowrap; }
@@ -216,15 +264,24 @@ def _html_rows(df: pd.DataFrame, cls: str) -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
+def _html_figure(drawn: Drawn, data: str) -> str:
+    png = base64.b64encode(drawn.png).decode()
+    return (f'<figure class="report-figure" {data}><img alt="{_e(drawn.alt)}" '
+            f'src="data:image/png;base64,{png}"><figcaption>{_e(drawn.caption)}.</figcaption></figure>')
+
+
 def to_html(report: Report) -> str:
-    """The page: a summary line, per report table its grid, details and figure, then the gaps."""
+    """The page: a summary line, the reproduction's figure, per report table its grid, details
+    and figure, then the gaps."""
     info = provenance(report)
-    figures = {table: png for table, _, png in report.figures}
+    figures = {f.key: f for f in report.figures}
     parts = [f"<h1>{_e(TITLE)}</h1>",
              f'<p class="lead">Runs: {", ".join(f"<code>{_e(r)}</code>" for r in report.runs)}. {_e(_counts(report))}</p>',
              f"<p>{_e(tables.LEGEND)} Hover over a cell for where it came from.</p>",
              '<p class="key"><span class="near">within 1 point</span><span class="off">within 3 points</span>'
              '<span class="far">further off</span> (either direction)</p>']
+    if REPRODUCTION in figures:
+        parts.append(_html_figure(figures[REPRODUCTION], f'data-figure="{REPRODUCTION}"'))
     for sheet in tables.sheets(report.trials):
         parts += [f"<h2>{_e(sheet.title)}</h2>", _html_grid(sheet, info, report.gaps)]
         mine = info[info["table"] == sheet.title].drop(columns=["table"])
@@ -232,11 +289,8 @@ def to_html(report: Report) -> str:
             parts.append(f"<details><summary>Provenance of the {len(mine)} cell(s) run</summary>"
                          f"{_html_rows(mine, 'details')}</details>")
         if sheet.title in figures:
-            data = base64.b64encode(figures[sheet.title]).decode()
-            parts.append(f'<figure class="report-figure" data-table="{_e(sheet.title)}">'
-                         f'<img alt="{_e(sheet.title)}: accuracy and loss per epoch" '
-                         f'src="data:image/png;base64,{data}"></figure>')
-    parts += ["<h2>Cells not run, or below the report's budget</h2>",
+            parts.append(_html_figure(figures[sheet.title], f'data-table="{_e(sheet.title)}"'))
+    parts += [f"<h2>{_e(GAPS_TITLE)}</h2>",
               _html_rows(report.gaps, "gaps") if len(report.gaps) else "<p>None: every cell ran at the report's budget.</p>"]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(TITLE)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
@@ -255,11 +309,11 @@ def to_markdown(report: Report, figure_dir: Path, relative_to: Path) -> str:
     written into figure_dir (linked relative to relative_to), provenance and gaps as tables."""
     lines = [f"# {TITLE}", "", f"Runs: {', '.join(f'`{r}`' for r in report.runs)}. {_counts(report)}", "",
              tables.render(report.trials, "markdown"), "## Figures", ""]
-    for table, slug, png in report.figures:
-        path = atomic(figure_dir / f"{slug}.png", lambda tmp: Path(tmp).write_bytes(png))
-        lines += [f"![{table}: accuracy and loss per epoch]({path.relative_to(relative_to).as_posix()})", ""]
+    for drawn in report.figures:
+        path = atomic(figure_dir / f"{drawn.slug}.png", lambda tmp: Path(tmp).write_bytes(drawn.png))
+        lines += [f"![{drawn.alt}]({path.relative_to(relative_to).as_posix()})", "", f"*{drawn.caption}.*", ""]
     lines += ["## Provenance", "", _md_rows(provenance(report).drop(columns=["table", "row", "column"])), "",
-              "## Cells not run, or below the report's budget", "",
+              f"## {GAPS_TITLE}", "",
               _md_rows(report.gaps) if len(report.gaps) else "None.", ""]
     return "\n".join(lines)
 

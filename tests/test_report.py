@@ -1,15 +1,19 @@
 """`raycnn report`: the page for the published runs, rendered by a real browser (headless
 chromium): every report table and figure is in the DOM, every image decodes, a screenshot is
 taken; the Markdown form and the committed results/report.md match what the command writes."""
+import html
+import os
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from raycnn import cli, plots, report, tables
+from raycnn import cli, plots, report, results, tables
+from raycnn.errors import EXIT
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -73,13 +77,21 @@ def test_report_in_a_browser(published, tmp_path):
     expected = list(tables.fold_repeats(published.trials)["table"].unique())
     shown = re.findall(r'<table class="report-table" data-table="([^"]*)"', dom)
     assert [t.replace("&amp;", "&") for t in shown] == expected and len(expected) >= 7   # 3.x, 4.x and pretrained
-    drawn = [t for t, _ in plots.table_curves(published.trials, published.epochs)]
-    figures = re.findall(r'<figure class="report-figure" data-table="([^"]*)"><img[^>]*data-decoded="([^"]*)"', dom)
-    assert [t for t, _ in figures] == drawn and len(drawn) == 5
-    assert len(re.findall(r"<img", dom)) == len(drawn)
-    for table, size in figures:
+    # One figure of the whole reproduction, before the first table; then one per table with a result.
+    figures = re.findall(r'<figure class="report-figure" data-(table|figure)="([^"]*)"><img alt="([^"]*)"'
+                         r'[^>]*data-decoded="([^"]*)"[^>]*><figcaption>([^<]*)</figcaption>', dom)
+    assert len(re.findall(r"<img", dom)) == len(figures) == 1 + 5
+    assert figures[0][:3] == ("figure", "reproduction", plots.REPRODUCTION_TITLE)
+    assert dom.index('data-figure="reproduction"') < dom.index('class="report-table"')
+    assert "±1 and ±3 points" in figures[0][4] and "std over seeds" in figures[0][4]
+    drawn = plots.table_figures(published.trials, published.epochs)
+    assert [(kind, key) for kind, key, *_ in figures[1:]] == [("table", f.title) for f in drawn]
+    for (_, key, alt, size, caption), f in zip(figures[1:], drawn):
+        assert alt == f"{key}: learning curves" and caption.startswith(f"{key}: test accuracy per epoch, one panel per row")
+    for _, key, _, size, _ in figures:
         width, height = map(int, size.split("x"))            # "no" if the browser could not decode it
-        assert width > 500 and height > 300, table
+        assert 500 < width <= 1080 and 250 < height < width, key   # at most the page's width, wider than tall
+    assert int(figures[0][3].split("x")[0]) == 1080                # the reproduction: both panels, full width
     # Every cell of the grid: the report's 59, the ones not run among them with a reason, and the
     # published study's one (the Color Jitter cell with PIL-faithful jitter).
     assert len(re.findall(r"<td class=", dom)) == 59 + 1
@@ -103,19 +115,23 @@ def test_report_markdown_is_the_committed_one(published, tmp_path):
     assert text == out.read_text(), "results/report.md is not what `raycnn report --format markdown` writes"
     assert tables.render(published.trials, "markdown") in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 5
+    assert len(links) == 1 + 5 and links[0].endswith("/reproduction.png")
     from matplotlib.image import imread
     for link in links:
         assert imread(tmp_path / link).shape[1] > 500           # written, and decodes
         assert (out.parent / link).read_bytes()[:8] == PNG      # committed beside results/report.md
+    committed = sorted(p.name for p in (out.parent / f"{out.stem}_files").iterdir())
+    assert committed == sorted(Path(link).name for link in links)   # no figure left from an older page
 
 
 def test_report_cli_writes_a_page_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "page.html"
     assert cli.main(["report", str(RESULTS / "cifar10-base-quick"), "-o", str(out)]) == 0
     page = out.read_text()
-    assert page.count('class="report-table"') >= 2 and page.count("data:image/png;base64,") == 1
+    assert page.count('class="report-table"') >= 2 and page.count("data:image/png;base64,") == 2
     assert "[reduced]" in page                                    # the quick run is marked
+    # One epoch: no curves, so its table's figure is bars of the final accuracy beside the report's.
+    assert '<img alt="4.1 CIFAR-10 base model: final accuracy beside the report&#x27;s"' in page
     capsys.readouterr()
     assert cli.main(["report", str(tmp_path / "nope"), "-o", str(out)]) == 2
     err = capsys.readouterr().err
@@ -123,3 +139,127 @@ def test_report_cli_writes_a_page_and_refuses_bad_input(tmp_path, capsys):
     assert out.read_text() == page                                # the earlier page survives
 
 
+def _figure(trials, epochs, title: str) -> plots.TableFigure:
+    return next(f for f in plots.table_figures(trials, epochs) if f.title == title)
+
+
+def test_table_figure_is_small_multiples_with_bars_where_no_curves(published):
+    """A panel per table row, a line per column; a row whose cells ran one epoch is bars of ours
+    beside the report's, and a table without any curve is one panel of bars."""
+    mnist = _figure(published.trials, published.epochs, "3.1 MNIST, lr = 0.01")
+    rows = ["Base Model", "3 Dropout", "2 BatchNorm", "Stride = 2", "Kernel 5x5"]
+    assert mnist.kinds == dict.fromkeys(rows, "bars") | {"Base Model": "lines"}   # AdamW ran 10 epochs
+    fig = mnist.draw()
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in panels] == rows
+    columns = ["SGD", "SGD + momentum", "Adam", "AdamW"]
+    assert [line.get_label() for line in panels[0].get_lines() if not line.get_label().startswith("_")] == columns
+    assert [len(line.get_xdata()) for line in panels[0].get_lines()][::2] == [1, 1, 1, 10]   # line, notch
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == columns + ["report (right edge)", "ours", "report"]
+    cells = mnist.cells[mnist.cells["row"] == "3 Dropout"]
+    heights = [round(b.get_height(), 6) for b in panels[1].patches]
+    assert heights == [round(v * 100, 6) for c in cells.itertuples() for v in (c.ours_mean, c.report_acc)]
+
+    quick = report.collect([str(RESULTS / "cifar10-base-quick")])
+    base = _figure(quick.trials, quick.epochs, "4.1 CIFAR-10 base model")
+    assert base.kinds == {"Base Model": "bars"} and base.caption.endswith("beside the report's (hatched)")
+    [panel] = base.draw().axes
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["Base Model"] and len(panel.patches) == 4
+
+
+def test_reproduction_figure(published):
+    """Every cell with both numbers at (report, ours), coloured by its report section, error bars
+    where it has repeats; the diagonal and the ±1 / ±3 point bands in both panels."""
+    cells = tables.fold_repeats(published.trials).dropna(subset=["ours_mean", "report_acc"])
+    fig = plots.reproduction_figure(published.trials)
+    every, zoom = fig.axes
+    assert len(every.containers) == len(cells) == 50
+    from matplotlib.colors import to_hex
+    for point, cell in zip(every.containers, cells.itertuples()):
+        (x,), (y,) = point.lines[0].get_data()
+        assert (x, y) == pytest.approx((cell.report_acc * 100, cell.ours_mean * 100))
+        assert to_hex(point.lines[0].get_color()) == to_hex(plots.SECTIONS[cell.table[0]][1])
+        assert point.has_yerr == (cell.n > 1)
+    assert sum(p.has_yerr for p in every.containers) == 3               # the three cells run with seeds 0-2
+    for ax in (every, zoom):
+        assert [c.get_label() for c in ax.collections if c.get_label().startswith("±")] == ["±3 points", "±1 point"]
+        diagonal = ax.get_lines()[0].get_xydata()
+        assert (diagonal[:, 0] == diagonal[:, 1]).all() and tuple(diagonal[[0, -1], 0]) == ax.get_xlim()
+    assert every.get_xlim() == (0, 100) and zoom.get_xlim()[0] > 50
+    assert plots.reproduction_figure(published.trials.assign(final_test_acc=float("nan"))) is None
+
+
+MIXED = """
+[suite]
+name = "mixed"
+cpus_per_trial = 1
+table = "Mixed outcomes"
+
+[defaults]
+model = "mnist_base"
+epochs = 2
+max_train_samples = 256
+eval_batch_size = 2000
+
+[[trials]]
+name = "trains"
+row = "trains"
+column = "Accuracy (%)"
+report = 90
+
+[[trials]]
+name = "fails"
+row = "fails"
+column = "Accuracy (%)"
+model = "resnet18"
+pretrained = true
+finetune = "head"
+weights = "{garbage}"
+report = 80
+
+[[trials]]
+name = "skipped"
+row = "skipped"
+column = "Accuracy (%)"
+model = "resnet18"
+pretrained = true
+finetune = "head"
+report = 70
+"""
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    """A real run (synthetic data) with a cell of each outcome: one trains, one fails in its trial
+    (its ImageNet weights file is garbage), one is skipped for want of ImageNet weights."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    garbage = tmp / "garbage.pth"
+    garbage.write_bytes(bytes(range(256)) * 16)
+    (tmp / "mixed.toml").write_text(MIXED.format(garbage=garbage))
+    env = dict(os.environ, TORCH_HOME=str(tmp / "no-weights"), RAY_AIR_NEW_OUTPUT="0")
+    done = subprocess.run([sys.executable, "-m", "raycnn.cli", "run", str(tmp / "mixed.toml"), "--synthetic",
+                           "--results-dir", str(tmp), "--name", "mixed", "--num-cpus", "2", "--max-failures", "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == EXIT["errors"], done.stderr[-3000:]
+    return tmp / "mixed"
+
+
+@pytest.mark.parametrize("fmt", ["html", "markdown"])
+def test_report_on_a_run_with_skipped_and_failed_cells(mixed_run, tmp_path, fmt, capsys):
+    trials = results.load_run(mixed_run)[0].set_index("name")
+    assert trials["status"].to_dict() == {"mixed/trains": "ok", "mixed/fails": "error",
+                                          "mixed/skipped": "skipped: needs ImageNet weights (--weights FILE)"}
+    assert pd.isna(trials.loc["mixed/skipped", "epochs_done"])          # what broke the page once
+    out = tmp_path / ("page.html" if fmt == "html" else "page.md")
+    assert cli.main(["report", str(mixed_run), "-o", str(out), "--format", fmt]) == 0, capsys.readouterr().err
+    page = html.unescape(out.read_text())
+    gaps = page.split(report.GAPS_TITLE, 1)[1]
+    error = trials.loc["mixed/fails", "error"]
+    assert error and f"mixed/fails | failed: {error}" in gaps.replace("</td><td>", " | ")
+    assert "mixed/skipped | needs ImageNet weights (--weights FILE)" in gaps.replace("</td><td>", " | ")
+    provenance = page.split("Provenance", 1)[1].split(report.GAPS_TITLE, 1)[0]
+    assert "mixed/trains" in provenance and "mixed/fails" in provenance and "mixed/skipped" not in provenance
+    assert "2 of 62 cells run from 1 run(s)" in page                     # the skipped cell did not run
+    assert "Mixed outcomes: learning curves" in page and plots.REPRODUCTION_TITLE in page
+    figures = page.count("data:image/png;base64,") if fmt == "html" else len(list(out.parent.glob("page_files/*.png")))
+    assert figures == 2

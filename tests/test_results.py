@@ -204,24 +204,19 @@ def test_compare_says_whether_the_difference_beats_the_spread():
     assert one["beyond_spread"].tolist() == [None]
 
 
-def test_plot(run_dir, tmp_path, monkeypatch):
-    seen = {}
-    original = plots._plot_table
-
-    def spy(title, curves, path):
-        seen[title] = curves
-        return original(title, curves, path)
-
-    monkeypatch.setattr(plots, "_plot_table", spy)
+def test_plot(run_dir, tmp_path):
     paths = plots.plot(run_dir)
-    assert [p.name for p in paths] == ["3-1-mnist-lr-0-01.png", "4-2-data-augmentation.png"]
+    assert [p.name for p in paths] == ["3-1-mnist-lr-0-01.png", "4-2-data-augmentation.png", "5-1-without-finetuning.png"]
     assert sorted(os.listdir(run_dir / "plots")) == sorted(p.name for p in paths)  # no temp files
     for p in paths:
         assert p.parent == run_dir / "plots" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert p.stat().st_size > 5000
-    assert [label for label, _ in seen[MNIST]] == ["Base Model / SGD", "Base Model / SGD + momentum", "3 Dropout / SGD"]
-    base = seen[MNIST][0][1]
+    # The figures the report page shows too: a panel per row, a line per column; no epoch rows, bars.
+    drawn = {f.title: f for f in plots.table_figures(*results.load_run(run_dir))}
+    assert drawn[MNIST].kinds == {"Base Model": "lines", "3 Dropout": "lines"}
+    assert drawn[PRE].kinds == {"Zero-shot": "bars"}
+    base = drawn[MNIST].curves[_name("mnist", "Base Model", "SGD")]
     assert base.loc[2, "test_acc"] == pytest.approx(0.976 + 0.01)  # mean over the 3 repeats
     assert base.loc[1, "train_loss"] == pytest.approx(2.0)
     other = plots.plot(run_dir, tmp_path / "elsewhere")
-    assert [p.parent for p in other] == [tmp_path / "elsewhere"] * 2
+    assert [p.parent for p in other] == [tmp_path / "elsewhere"] * 3
