@@ -400,7 +400,8 @@ def worker_life(config: dict) -> list[tuple[str, dict]]:
         ec2.meta.client.meta.events.register("before-parameter-build.ec2", record)
         ec2.meta.client.meta.events.register("before-call.ec2", answer)
     name, worker = next(iter(gpu_worker_types(config).items()))
-    node_config = copy.deepcopy(worker["node_config"]) | {"SubnetIds": ["subnet-0123456789abcdef0"]}  # as `ray up` fills it
+    # The worker's node_config as `ray up` leaves it in the head's copy: subnets filled in.
+    node_config = copy.deepcopy(worker["node_config"]) | {"SubnetIds": ["subnet-0123456789abcdef0"]}
     provider.create_node(node_config, {tags.TAG_RAY_NODE_KIND: tags.NODE_KIND_WORKER,
                                        tags.TAG_RAY_USER_NODE_TYPE: name,
                                        tags.TAG_RAY_NODE_STATUS: tags.STATUS_UNINITIALIZED}, 1)
