@@ -12,7 +12,7 @@
 # Each step has its own time limit inside GPU_CHECK_BUDGET_S; after every step (and every 20 s of
 # the grid) the figures are copied to $OUT, so a run cut short still returns them.
 #
-#   bash benchmarks/gpu_check.sh --prepare   # here (reaches PyPI): fills .device/ (git-ignored)
+#   GPU_KIT=DIR bash benchmarks/gpu_check.sh --prepare   # here (reaches PyPI): fills .device/ (git-ignored)
 #                                            # and checks that what travels is under 64 MiB
 #   bash benchmarks/gpu_check.sh             # there, in the repo root copied with .device/
 #   bash benchmarks/gpu_check.sh --dry-run   # here: the device half on the CPU, synthetic and tiny,
@@ -57,11 +57,10 @@ check_size() {
 
 prepare() {
   # Each part is built once; delete it (or pass --force to the kit's script) to rebuild.
-  local kit=${GPU_KIT:-} py=${PYTHON:-python3} d
-  # The GPU kit: $GPU_KIT, else a shared/gpu-kit folder beside the repository (or its worktrees).
-  [ -n "$kit" ] || for d in ../shared/gpu-kit ../../shared/gpu-kit; do [ -d "$d" ] && kit=$(cd "$d" && pwd) && break; done
-  kit=${kit:-../shared/gpu-kit}
-  [ -d "$kit" ] || { echo "gpu_check: no GPU kit at $kit (set GPU_KIT)" >&2; return 2; }
+  local kit=${GPU_KIT:-} py=${PYTHON:-python3}
+  # The GPU kit (make_ray_bundle.sh, datapack.py): a folder the caller names.
+  [ -n "$kit" ] || { echo "gpu_check: --prepare needs GPU_KIT=DIR, the folder with make_ray_bundle.sh and datapack.py" >&2; return 2; }
+  [ -d "$kit" ] || { echo "gpu_check: no GPU kit at $kit (GPU_KIT)" >&2; return 2; }
   mkdir -p "$DEV"
   [ -f "$DEV/ray-site.tar.xz" ] || PYTHON=$py "$kit/make_ray_bundle.sh" "$DEV" || return 1
   [ -f "$DEV/data.npz" ] || "$py" "$kit/datapack.py" pack "$DEV/data.npz" || return 1

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout that is not installed
 
-from raycnn import data as data_mod
+from raycnn import augment, config, datafiles
 from raycnn import results, suites
 from raycnn import tune as raytune
 from raycnn.provenance import provenance
@@ -60,7 +60,7 @@ def best_packing(path: str | None) -> tuple[str, int]:
 
 def steps(t: suites.Trial) -> int:
     """Optimizer steps of the trial at its epochs (the order's second key)."""
-    n = t.config.max_train_samples or data_mod.SIZES[t.config.dataset_name][0]
+    n = t.config.max_train_samples or config.SIZES[t.config.dataset_name][0]
     return t.config.epochs * -(-n // t.config.batch_size)
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grid: the {len(suites.load(suites.bundled()[suite]).trials)} {suite} trials are left out: {why}")
     run_dir = Path(args.run_dir or f"results/grid-{slug}").resolve()
     gpus = torch.cuda.device_count() if args.device == "cuda" else 0
-    opts = raytune.RunOptions(run_dir=run_dir, max_failures=args.max_failures, live=False, num_cpus=args.num_cpus,
+    opts = raytune.RunOptions(run_dir=run_dir, max_failures=args.max_failures, num_cpus=args.num_cpus,
                               num_gpus=gpus)
     note(f"grid: {len(todo)} trials on {name}, light ones {k} per GPU ({label}), into {run_dir}; first: "
          f"{todo[0].name if todo else '-'}")

@@ -32,7 +32,7 @@ from rich.table import Table
 # throughput.py (beside this file) also puts the checkout on sys.path for the raycnn imports below.
 from throughput import BATCH, console, device_slug, note, open_device, spread, sync
 
-from raycnn import data as data_mod
+from raycnn import augment, config, datafiles
 from raycnn import models, results
 from raycnn.provenance import provenance
 
@@ -44,13 +44,13 @@ STEPS = {"resnet18": 6, "alexnet": 3}
 
 def step_timer(name: str, layout: str, device: torch.device, steps: int):
     """A function that times `steps` training steps of `name` in `layout`; returns ms per step."""
-    spec = models.MODELS[name]
-    size = spec.input_size or data_mod.SHAPES[spec.dataset][-1]
+    spec = config.MODELS[name]
+    size = spec.input_size or config.SHAPES[spec.dataset][-1]
     fmt = LAYOUTS[layout]
     torch.manual_seed(0)
     model = models.build(name).to(device).to(memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(BATCH, data_mod.SHAPES[spec.dataset][0], size, size, device=device).contiguous(memory_format=fmt)
+    x = torch.randn(BATCH, config.SHAPES[spec.dataset][0], size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (BATCH,), device=device)
 
     def timed() -> float:
@@ -101,7 +101,7 @@ def layout_table(rows: list[dict]) -> Table:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(models.MODELS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, of {', '.join(config.MODELS)}")
     p.add_argument("--steps", type=int, help="timed steps per repetition (default: 40; ResNet-18 6, AlexNet 3)")
     p.add_argument("--reps", type=int, default=5, help="repetitions (default 5)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads (default: every core)")
@@ -109,9 +109,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="results/speed", help="folder for layout-<device>.parquet")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
-    unknown = sorted(set(args.models) - set(models.MODELS))
+    unknown = sorted(set(args.models) - set(config.MODELS))
     if unknown:
-        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(models.MODELS)}")
+        p.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(config.MODELS)}")
     return args
 
 

@@ -31,7 +31,8 @@ from rich.table import Table
 from raycnn import models, suites
 from raycnn import tune as raytune
 from raycnn.experiment import experiment_dir
-from raycnn.trainer import fit, load_arrays
+from raycnn.datafiles import load as load_arrays
+from raycnn.trainer import fit
 
 console = Console()
 TRIAL = "cifar10/base/no-scheduler"
@@ -77,7 +78,7 @@ def through_ray(trial: suites.Trial, n: int, run_dir: Path) -> tuple[float, dict
     """Wall seconds of run_trials, its phase timings (plus the wait for the first trial: Tune's
     set-up and the cold start of its worker process) and each trial's reports to Tune."""
     opts = raytune.RunOptions(run_dir=run_dir, cpus_per_trial=1, max_concurrent=1, repeats=n, max_failures=0,
-                              num_cpus=1, num_gpus=0, live=False)
+                              num_cpus=1, num_gpus=0)
     clock = Clock()
     start = time.perf_counter()
     outcome = raytune.run_trials([trial], opts, view=clock)

@@ -61,7 +61,7 @@ def options(run_dir: Path, device: torch.device, k: int, max_k: int) -> raytune.
     """A private local Ray running k repeats at once: on CUDA 1/k GPU each, on the CPU k CPUs."""
     cuda = device.type == "cuda"
     return raytune.RunOptions(
-        run_dir=run_dir, cpus_per_trial=1, max_concurrent=k, repeats=k, max_failures=0, live=False,
+        run_dir=run_dir, cpus_per_trial=1, max_concurrent=k, repeats=k, max_failures=0,
         num_cpus=max(os.cpu_count() or 1, max_k) if cuda else max_k,
         num_gpus=torch.cuda.device_count() if cuda else 0, gpus_per_trial=1 / k if cuda else None)
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout t
 from rich.console import Console
 from rich.table import Table
 
-from raycnn import data as data_mod
+from raycnn import augment, config, datafiles
 from raycnn import results, suites
 
 console = Console()
@@ -58,7 +58,7 @@ def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     """One run's measurements, one row per trial name (means over repeats and epochs)."""
     keys = ["name", "repeat"]
     e = epochs.merge(trials[keys + ["max_train_samples", "dataset", "batch_size"]], on=keys)
-    full = e["dataset"].map(lambda d: data_mod.SIZES[d][0])
+    full = e["dataset"].map(lambda d: config.SIZES[d][0])
     n = e["max_train_samples"].where(e["max_train_samples"] > 0, full).clip(upper=full)
     n = n - (n % e["batch_size"] == 1)               # train_one_epoch drops a last batch of one
     trained = e["epoch"] >= 1                        # epoch 0: a zero-shot trial's one evaluation
@@ -97,7 +97,7 @@ def estimate(grid_df: pd.DataFrame, meas: pd.DataFrame) -> pd.DataFrame:
 
 def durations(df: pd.DataFrame, overhead: float) -> pd.DataFrame:
     """Epoch on the full split and whole-trial seconds at the report's epochs."""
-    train = df["dataset"].map(lambda d: data_mod.SIZES[d][0]) / df["images_per_s"]
+    train = df["dataset"].map(lambda d: config.SIZES[d][0]) / df["images_per_s"]
     df["epoch_s"] = (train + df["eval_s"]).where(~df["zero_shot"], df["eval_s"])
     df["epochs_s"] = df["epochs"].where(~df["zero_shot"], 1) * df["epoch_s"]
     df["trial_s"] = df["setup_s"] + overhead + df["epochs_s"]

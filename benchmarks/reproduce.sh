@@ -6,9 +6,8 @@ set -euo pipefail
 data=${1:-data}
 out=${2:-my-results}     # results/ holds the committed runs, and raycnn never overwrites a run
 raycnn=${RAYCNN:-raycnn}
-if [ ! -d "$data/MNIST" ] && [ -f ../shared/data/prepare.py ]; then
-  python ../shared/data/prepare.py "$data"       # an offline copy beside the repository; else raycnn downloads
-fi
+# DATA_DIR: a torchvision-layout root (MNIST/raw, cifar-10-batches-py); where files are missing,
+# raycnn downloads them, or says in one line which files to put where.
 # Sec. 4: the nine hand-built CIFAR-10 trials at the report's 30 epochs.
 $raycnn run cifar10 --filter 'cifar10/base/*' --filter 'cifar10/augment/*' --filter 'cifar10/dropout/*' \
   --filter 'cifar10/batchnorm/*' --data-dir "$data" --results-dir "$out" --name cifar10-handbuilt-30ep

@@ -47,10 +47,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from raycnn import data as data_mod
+from raycnn import augment, config, datafiles
 from raycnn import models, results
 from raycnn.provenance import provenance
-from raycnn.trainer import TrainConfig, build_training, resolve_precision, train_one_epoch
+from raycnn.config import TrainConfig
+from raycnn.errors import DataError
+from raycnn.trainer import build_training, resolve_precision, train_one_epoch
 
 console = Console()
 log = Console(stderr=True)
@@ -107,15 +109,15 @@ def sync(device: torch.device) -> None:
 
 # ---------------------------------------------------------------- images/s
 
-def dataset_arrays(name: str, n: int, data_dir: str | None) -> tuple[data_mod.Arrays, str]:
+def dataset_arrays(name: str, n: int, data_dir: str | None) -> tuple[datafiles.Arrays, str]:
     """The first `n` training images of `name`: real when readable under data_dir, else synthetic
     (throughput does not depend on the pixels)."""
     if data_dir:
         try:
-            return data_mod.subset(data_mod.read(name, data_dir, download=False), n), "real"
-        except data_mod.DataError:
+            return datafiles.subset(datafiles.read(name, data_dir, download=False), n), "real"
+        except DataError:
             note(f"{name}: no data under {data_dir}; timing synthetic images")
-    return data_mod.synthetic(name, sizes=(n, BATCH)), "synthetic"
+    return datafiles.synthetic(name, sizes=(n, BATCH)), "synthetic"
 
 
 class NaiveDataset(torch.utils.data.Dataset):
@@ -138,20 +140,20 @@ class NaiveDataset(torch.utils.data.Dataset):
 def naive_transform(dataset: str, case: dict):
     """transforms.Compose([RandomCrop, RandomHorizontalFlip,] ToTensor(), Normalize(...))."""
     from torchvision import transforms as T
-    mean, std = data_mod.STATS[dataset]
+    mean, std = config.STATS[dataset]
     ops = []
     if "crop" in case.get("augment", ()):
-        ops.append(T.RandomCrop(data_mod.SHAPES[dataset][-1], padding=case["crop_padding"]))
+        ops.append(T.RandomCrop(config.SHAPES[dataset][-1], padding=case["crop_padding"]))
     if "flip" in case.get("augment", ()):
         ops.append(T.RandomHorizontalFlip())
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def naive_timer(name: str, arrays: data_mod.Arrays, device: torch.device, workers: int) -> Callable[[], float]:
+def naive_timer(name: str, arrays: datafiles.Arrays, device: torch.device, workers: int) -> Callable[[], float]:
     """A function that trains one pass the notebook way and returns its images/s. With workers,
     they persist across passes: the naive loop at its best, not paying a fork per epoch."""
     case = CASES[name]
-    dataset = models.MODELS[case["model"]].dataset
+    dataset = config.MODELS[case["model"]].dataset
     torch.manual_seed(0)
     model = models.build(case["model"]).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -184,7 +186,7 @@ def naive_timer(name: str, arrays: data_mod.Arrays, device: torch.device, worker
     return as_a_notebook
 
 
-def raycnn_timer(name: str, arrays: data_mod.Arrays, device: torch.device, threads: int,
+def raycnn_timer(name: str, arrays: datafiles.Arrays, device: torch.device, threads: int,
                  precision: str, compile: bool = False) -> Callable[[], float]:
     """A function that trains one pass with the raycnn trainer and returns its images/s."""
     config = TrainConfig(epochs=1, batch_size=BATCH, optimizer="sgd", lr=0.01, momentum=0.9,
@@ -202,7 +204,7 @@ def raycnn_timer(name: str, arrays: data_mod.Arrays, device: torch.device, threa
 
 def time_model(name: str, args, device: torch.device, data_dir: str | None, base: dict) -> list[dict]:
     """Images/s rows of `name`: every variant alternating over args.reps, after a warm-up."""
-    arrays, source = dataset_arrays(models.MODELS[CASES[name]["model"]].dataset, args.images[name], data_dir)
+    arrays, source = dataset_arrays(config.MODELS[CASES[name]["model"]].dataset, args.images[name], data_dir)
     timers = {f"naive-w{w}": naive_timer(name, arrays, device, w) for w in args.naive_workers}
     timers["raycnn"] = raycnn_timer(name, arrays, device, args.threads, "auto")
     if device.type == "cuda":    # the trainer's default there is bf16 or fp16; fp32 separates precision from the rest

@@ -43,26 +43,22 @@ STYLE_CLASS = {"green": "near", "yellow": "off", "red": "far", "dim": "none", ""
 # Every column may be missing or NaN in a row (a trial that failed before its first epoch, a
 # run made before the column existed): each shows what there is, else "".
 PROVENANCE = {
-    "run": lambda g: _joined(g["source"]),
-    "device": lambda g: _joined(_column(g, "device")),
-    "precision": lambda g: _joined(_column(g, "precision")),
-    "epochs": lambda g: _joined(_column(g, "epochs_done").dropna().astype(int)),
+    "run": lambda g: tables.joined(g["source"]),
+    "device": lambda g: tables.joined(_column(g, "device")),
+    "precision": lambda g: tables.joined(_column(g, "precision")),
+    "epochs": lambda g: tables.joined(_column(g, "epochs_done").dropna().astype(int)),
     "seeds": lambda g: ", ".join(str(int(s)) for s in sorted(_column(g, "seed").dropna())),
     "wall time": lambda g: _minutes(_column(g, "wall_seconds").sum(min_count=1)),
     "images/s": lambda g: _rate(_column(g, "images_per_s").mean()),
-    "torch": lambda g: _joined(_column(g, "torch_version")),
-    "ray": lambda g: _joined(_column(g, "ray_version")),
-    "python": lambda g: _joined(_column(g, "python_version")),
-    "git": lambda g: _joined(_column(g, "git_rev")),
+    "torch": lambda g: tables.joined(_column(g, "torch_version")),
+    "ray": lambda g: tables.joined(_column(g, "ray_version")),
+    "python": lambda g: tables.joined(_column(g, "python_version")),
+    "git": lambda g: tables.joined(_column(g, "git_rev")),
 }
 
 
 def _column(g: pd.DataFrame, name: str) -> pd.Series:
     return g[name] if name in g else pd.Series(dtype=float)
-
-
-def _joined(values: pd.Series) -> str:
-    return ", ".join(dict.fromkeys(str(v) for v in values.dropna() if str(v)))
 
 
 def _minutes(seconds: float) -> str:
@@ -299,7 +295,7 @@ def to_html(report: Report) -> str:
 # ---------------------------------------------------------------- Markdown
 
 def _md_rows(df: pd.DataFrame) -> str:
-    cell = lambda v: str(v).replace("|", "\\|")
+    cell = tables.md_cell
     lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in df.itertuples(index=False)])
 

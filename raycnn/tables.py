@@ -8,11 +8,14 @@ feed `raycnn.screen`, and `compare` sets two runs side by side.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Callable, Iterator
 
 import pandas as pd
 
-from raycnn.results import ResultsError, require
+from raycnn.config import TrainConfig
+from raycnn.errors import ResultsError
+from raycnn.results import require
 from raycnn.screen import Sheet, rich_table
 
 TRIAL_COLUMNS = ("name", "table", "row", "column", "order", "status", "final_test_acc", "report_acc")
@@ -44,8 +47,15 @@ def _status_summary(statuses: pd.Series) -> str:
     return ", ".join(f"{counts[s]}/{len(statuses)} {s}" for s in bad)
 
 
-def _joined(values: pd.Series) -> str:
-    return ", ".join(dict.fromkeys(str(v) for v in values if isinstance(v, str) and v))
+def joined(values) -> str:
+    """Distinct non-empty values, in order, as one "a, b" string (the runs, devices, versions of
+    a cell's repeats)."""
+    return ", ".join(dict.fromkeys(str(v) for v in values if not pd.isna(v) and str(v)))
+
+
+def md_cell(value) -> str:
+    """A value as a Markdown table cell: its pipes escaped."""
+    return str(value).replace("|", "\\|")
 
 
 def fold_repeats(trials: pd.DataFrame) -> pd.DataFrame:
@@ -63,7 +73,7 @@ def fold_repeats(trials: pd.DataFrame) -> pd.DataFrame:
            .agg(suite=("suite", "first"), order=("order", "min"), n=("name", "size"),
                 ours_mean=("final_test_acc", "mean"), ours_std=("final_test_acc", "std"),
                 report_acc=("report_acc", "first"), status=("status", _status_summary),
-                source=("source", _joined), budget=("budget", _joined))
+                source=("source", joined), budget=("budget", joined))
            .reset_index())
     out["diff"] = out["ours_mean"] - out["report_acc"]
     rank = out["suite"].map(SUITE_RANK).fillna(len(SUITE_RANK))
@@ -76,8 +86,6 @@ NOT_CONFIG = {"seed", "data_dir", "num_threads", "eval_batch_size", "weights", "
 
 
 def _config_columns(frames: list[pd.DataFrame]) -> list[str]:
-    from dataclasses import fields
-    from raycnn.trainer import TrainConfig
     common = set.intersection(*(set(f.columns) for f in frames))
     return [f.name for f in fields(TrainConfig) if f.name in common and f.name not in NOT_CONFIG]
 
@@ -156,7 +164,7 @@ def _grids(summary: pd.DataFrame, source: bool = False) -> Iterator[tuple[str, l
 
 def _markdown(trials: pd.DataFrame, source: bool = False) -> str:
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(md_cell(c) for c in cells) + " |"
     lines = [LEGEND, ""]
     for table, rows, cols, cells in _grids(fold_repeats(trials), source):
         lines += [f"### {table}", "", line([""] + cols), "|" + "---|" * (len(cols) + 1)]

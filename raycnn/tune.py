@@ -163,9 +163,10 @@ class ResultsCallback(tune.Callback):
         pending = [t for t in trials if t.status == "PENDING"]
         now = time.monotonic()
         since = ACTIVE.setdefault("progress_at", now)
-        # Trials queued behind running ones are the normal case; only a run where nothing runs
-        # is waiting for resources.
-        if not pending or any(t.status == "RUNNING" for t in trials) or now - since < self.WAIT_S:
+        # Trials queued behind running ones are the normal case, and a trial whose resources are
+        # free is starting (a busy machine can take a while); only then is a run waiting.
+        if (not pending or any(t.status == "RUNNING" for t in trials) or now - since < self.WAIT_S
+                or any(_fits_now(t) for t in pending)):
             return
         ACTIVE["progress_at"] = now
         view = ACTIVE.get("view")
@@ -198,6 +199,13 @@ class ResultsCallback(tune.Callback):
             write_results(Path(ACTIVE["run_dir"]))
         except Exception as e:   # never let a results hiccup stop the experiment; the end rewrites
             logging.getLogger("raycnn").warning("could not write results yet: %s", e)
+
+
+def _fits_now(trial) -> bool:
+    """Whether the cluster's free resources could hold the trial's request right now."""
+    free = ray.available_resources()
+    need = trial.config["trial"]
+    return free.get("CPU", 0) >= need["cpus"] and free.get("GPU", 0) >= need["gpus"]
 
 
 def waiting_line(pending: list) -> str:

@@ -150,12 +150,13 @@ def test_placement_counts_the_node_types_the_autoscaler_can_start(tmp_path):
     types = cluster.types_in(path)
     assert types == [{"CPU": 2.0, "GPU": 1.0}]
     head = {"CPU": 0.0}
+    entry = {"cpus": 1, "gpus": 0.5, "config": {}}
     with pytest.raises(RunError, match="--cpus-per-trial 1 is more than any node has"):
-        cluster.place([{"cpus": 1, "gpus": 0.5, "config": {}}], None, None, [head])   # alive now: the head
-    params = [{"cpus": 1, "gpus": 0.5, "config": {}}]
-    cluster.place(params, None, None, [head, *types])    # what the autoscaler can add
-    assert (params[0]["cpus"], params[0]["gpus"], params[0]["config"]["num_threads"]) == (1, 0.5, 1)
+        cluster.place([entry], [head])                      # alive now: the head
+    placed = cluster.place([entry], [head, *types])         # what the autoscaler can add
+    assert (placed[0]["cpus"], placed[0]["gpus"]) == (1, 0.5) and placed[0] is not entry
     with pytest.raises(RunError, match="--cpus-per-trial 3 is more than any node has"):
-        cluster.place([{"cpus": 1, "gpus": 0.5, "config": {}}], 3, None, [head, *types])
+        cluster.place([entry | {"cpus": 3}], [head, *types])
     with pytest.raises(RunError, match="--gpus-per-trial 2 is more than any node has"):
-        cluster.place([{"cpus": 1, "gpus": 0.5, "config": {}}], None, 2, [head, *types])
+        cluster.place([entry], [head, *types], gpus_option=2)
+    assert cluster.place([entry], [{"CPU": 2.0}])[0]["gpus"] == 0.0    # no GPUs anywhere: none asked

@@ -219,7 +219,7 @@ CASES = {
                           2, "--name 'a/b': must be a plain folder name", False, {}),
     "filter-matches-nothing": (lambda t, r: ("run", _suite(t, ""), *SYN, "--filter", "nope/*", "--results-dir", r),
                                2, "--filter nope/* matches no trial", False, {}),
-    "missing-weights-file": (lambda t, r: ("run", "pretrained", "--filter", "pretrained/head", *SYN, "--weights",
+    "missing-weights-file": (lambda t, r: ("run", "pretrained", "--filter", "pretrained/zero-shot", *SYN, "--weights",
                                            t / "none.pth", "--results-dir", r), 2, "none.pth: no such file", False, {}),
     "unknown-command": (lambda t, r: ("fly",), 2, "argument command: invalid choice: 'fly'", False, {}),
     # reading commands

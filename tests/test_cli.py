@@ -231,3 +231,4 @@ def test_quick_run_of_all_without_imagenet_weights(tmp_path):
     # Nothing but pretrained trials and no weights: nothing to run, refused in one line.
     none = raycnn("run", "pretrained", "--quick", "--synthetic", "--results-dir", tmp_path, env=env)
     assert none.returncode == 2 and "--weights FILE" in none.stderr and len(none.stderr.splitlines()) == 1
+

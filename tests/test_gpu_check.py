@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-KIT = ROOT.parent / "shared" / "gpu-kit"
+# The GPU kit (make_ray_bundle.sh, datapack.py and its data), where the environment names one.
+KIT = Path(os.environ.get("GPU_KIT", "/nonexistent"))
 
 
 def gpu_check(*args, timeout=600, **env) -> subprocess.CompletedProcess:
@@ -30,6 +31,11 @@ def test_size_check_counts_device_folder(tmp_path):
     assert len(over.stderr.strip().splitlines()) == 1
 
 
+def test_prepare_without_a_kit_is_one_line(tmp_path):
+    out = gpu_check("--prepare", GPU_CHECK_DEVICE_DIR=tmp_path / "dev", GPU_KIT="")
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "GPU_KIT=DIR" in out.stderr
+
+
 def test_unknown_option_is_one_line():
     out = gpu_check("--prepair")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [
@@ -37,7 +43,7 @@ def test_unknown_option_is_one_line():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not KIT.is_dir(), reason="needs ../shared/gpu-kit and the data beside it")
+@pytest.mark.skipif(not KIT.is_dir(), reason="needs GPU_KIT, the GPU kit folder with its data")
 def test_prepare_fills_the_device_folder(tmp_path):
     out = gpu_check("--prepare", GPU_CHECK_DEVICE_DIR=tmp_path / "dev", GPU_KIT=KIT, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

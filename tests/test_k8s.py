@@ -162,9 +162,9 @@ def test_worker_group_scales_from_zero(job):
     # worker groups are not readable before a worker exists, so the group starts with one.
     shape, head = worker_shape(job), {"CPU": 0.0}
     trial = {"cpus": 1, "gpus": 0.125, "config": {}}
-    place([dict(trial)], None, None, [head] + [shape] * group["replicas"])
+    place([trial], [head] + [shape] * group["replicas"])
     with pytest.raises(RunError, match="more than any node has"):
-        place([dict(trial)], None, None, [head])                 # what zero replicas would give
+        place([trial], [head])                 # what zero replicas would give
 
 
 def test_every_bundled_suite_packs_onto_the_gpu_worker(job):

@@ -239,7 +239,7 @@ def mixed_run(tmp_path_factory):
     env = dict(os.environ, TORCH_HOME=str(tmp / "no-weights"), RAY_AIR_NEW_OUTPUT="0")
     done = subprocess.run([sys.executable, "-m", "raycnn.cli", "run", str(tmp / "mixed.toml"), "--synthetic",
                            "--results-dir", str(tmp), "--name", "mixed", "--num-cpus", "2", "--max-failures", "0"],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=1200)
     assert done.returncode == EXIT["errors"], done.stderr[-3000:]
     return tmp / "mixed"
 
