@@ -21,8 +21,9 @@ from ray.tune.utils import flatten_dict
 # The default local store, inside the run folder: an SQLite file (MLflow 3 refuses new
 # file-based stores); `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db` shows it.
 MLFLOW_DB = "mlflow.db"
-# Tune's bookkeeping in every result that says nothing about training.
-NOT_METRICS = ("config", "pid", "timestamp", "date", "hostname", "node_ip", "trial_id", "experiment_tag")
+# Tune's bookkeeping in every result that says nothing about training, and where the trial ran.
+NOT_METRICS = ("config", "pid", "timestamp", "date", "hostname", "node_ip", "trial_id", "experiment_tag",
+               "resources", "gpu_ids", "node_id")
 
 
 def finite(values: dict) -> dict:

@@ -35,10 +35,11 @@ def weights_key(path: str) -> str:
 
 
 def _stamp() -> dict:
-    """Where this worker is and what it runs."""
-    node_id = ray.get_runtime_context().get_node_id()
-    host = socket.gethostname()
-    return {"node": f"{host}/{node_id[:8]}", "hostname": host, "node_id": node_id, **provenance()}
+    """Where this worker is, what Ray granted it, and what it runs."""
+    ctx = ray.get_runtime_context()
+    node_id, host = ctx.get_node_id(), socket.gethostname()
+    return {"node": f"{host}/{node_id[:8]}", "hostname": host, "node_id": node_id,
+            "resources": ctx.get_assigned_resources(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], **provenance()}
 
 
 def trainable(param: dict, progress_dir: str, **shipped) -> None:
