@@ -237,7 +237,7 @@ def cmd_run(args) -> int:
         raise
     if (run_dir / "trials.parquet").exists():
         from raycnn import results
-        show(results.load_run(run_dir)[0])
+        show(results.read_rows(run_dir)[0])
     if outcome == "ok" and skipped:
         outcome = "skipped"
     messages = {"ok": f"done: results in {run_dir}",
@@ -255,10 +255,10 @@ def say(line: str) -> None:
 
 # ---------------------------------------------------------------- table, plot
 
-def load_runs(run_dirs: list[str]):
+def load_runs(run_dirs: list[str]) -> list[dict]:
     """The trial rows of the given run folders, laid together by `tables.combine`'s rule."""
     from raycnn import results, tables
-    return tables.combine([(Path(d).resolve().name, results.load_run(d)[0]) for d in run_dirs])
+    return tables.combine([(Path(d).resolve().name, results.read_rows(d)[0]) for d in run_dirs])
 
 
 def show(trials, source: bool = False) -> None:
@@ -286,13 +286,12 @@ def cmd_compare(args) -> int:
     from raycnn.errors import ResultsError
     a, b = (load_runs([d]) for d in (args.run_a, args.run_b))
     diffs = tables.compare(a, b)
-    if diffs.empty:
+    if not diffs:
         raise ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
     if args.format == "rich":
         screen.emit(console, [tables.compare_sheet(diffs, Path(args.run_a).name, Path(args.run_b).name)])
     else:
-        sys.stdout.write(diffs.to_csv(index=False) if args.format == "csv"
-                         else diffs.to_json(orient="records", indent=1) + "\n")
+        sys.stdout.write(tables.compare_text(diffs, args.format))
     return 0
 
 

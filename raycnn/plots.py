@@ -26,7 +26,12 @@ import pandas as pd
 
 from raycnn.files import atomic
 from raycnn.results import EPOCH_COLUMNS, load_run, require
-from raycnn.tables import DIFF_STYLES, fold_repeats
+from raycnn.tables import DIFF_STYLES, SUMMARY_COLUMNS, fold_repeats
+
+
+def folded_frame(trials) -> pd.DataFrame:
+    """`tables.fold_repeats` of the trials as a frame, for the figures and the page."""
+    return pd.DataFrame(fold_repeats(trials), columns=SUMMARY_COLUMNS)
 
 METRIC, METRIC_LABEL = "test_acc", "test accuracy (%)"
 BARS_TOP = 109               # % at the top of a bar axis: a label over a 99% bar clears the title
@@ -220,7 +225,7 @@ def table_figures(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[TableFigur
     (curves are means over the repeats in `epochs`)."""
     curves = epoch_means(epochs)
     out = []
-    for table, cells in fold_repeats(trials).groupby("table", sort=False):
+    for table, cells in folded_frame(trials).groupby("table", sort=False):
         mine = {n: curves[n] for n in cells["name"] if n in curves}
         if mine or cells["ours_mean"].notna().any():
             out.append(TableFigure(str(table), cells.reset_index(drop=True), mine))
@@ -248,7 +253,7 @@ def _section(table: str) -> tuple[str, str]:
 def reproduction_figure(trials: pd.DataFrame):
     """Ours against the report's accuracy for every cell that has both, or None when none has:
     all cells on 0-100, and beside it a zoom on the cells above ZOOM_FROM (where MNIST crowds)."""
-    s = fold_repeats(trials)
+    s = folded_frame(trials)
     s = s[s["ours_mean"].notna() & s["report_acc"].notna()].reset_index(drop=True)
     if s.empty:
         return None

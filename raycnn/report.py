@@ -25,6 +25,7 @@ import pandas as pd
 
 from raycnn import plots, results, suites, tables
 from raycnn.files import atomic
+from raycnn.plots import folded_frame
 
 TITLE = "Reproduction of the CNN course report"
 NOT_RUN = "not run"
@@ -154,7 +155,7 @@ def collect(run_dirs: list[str]) -> Report:
     """The runs laid together (later run wins, repeats of one config pool: `tables.combine`),
     the bundled grid's cells they miss added as "not run" rows, and the reasons."""
     loaded = [(Path(d).resolve().name, *results.load_run(d)) for d in run_dirs]
-    trials = tables.combine([(name, t) for name, t, _ in loaded])
+    trials = pd.DataFrame(tables.combine([(name, t) for name, t, _ in loaded]))
     grid = _grid()
     if "budget" not in trials.columns:
         trials["budget"] = ""
@@ -177,7 +178,7 @@ def collect(run_dirs: list[str]) -> Report:
     where = trials.drop_duplicates("name").set_index("name")[["table", "row", "column"]]
     gaps_df = pd.DataFrame(gaps, columns=["name", "reason"]).join(where, on="name")
     # In the page's order: table by table, then as the suite declares the cells.
-    folded = tables.fold_repeats(trials)
+    folded = folded_frame(trials)
     rank = {t: i for i, t in enumerate(folded["table"].unique())}
     order = {n: i for i, n in enumerate(folded["name"])}
     gaps_df = (gaps_df.assign(_t=gaps_df["table"].map(rank), _n=gaps_df["name"].map(order))
@@ -200,7 +201,7 @@ def provenance(report: Report) -> pd.DataFrame:
 
 def _counts(report: Report) -> str:
     """One line: how many of the grid's cells ran and how close they came."""
-    s = tables.fold_repeats(report.trials)
+    s = folded_frame(report.trials)
     ran = s[_ran(s["status"])]
     pts = (ran["diff"].abs() * 100).round(6)
     return (f"{len(ran)} of {len(s)} cells run from {len(report.runs)} run(s): {int((pts <= 1).sum())} within "

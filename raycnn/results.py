@@ -15,8 +15,6 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -31,12 +29,12 @@ EPOCH_COLUMNS = ("name", "repeat", "epoch", "train_acc", "test_acc", "train_loss
 WRITE_ID = b"raycnn.write_id"     # Parquet schema metadata: which write_run made the file
 
 
-def write_parquet(rows: list[dict] | pd.DataFrame, path: str | Path, metadata: dict[bytes, bytes] | None = None) -> Path:
-    """Write rows (dicts or a DataFrame) to `path` atomically and durably, creating its folder.
-
-    Tuple and list cells become Parquet list columns; `load_run` turns them back into lists.
-    `metadata` goes into the file's schema metadata.
+def write_parquet(rows, path: str | Path, metadata: dict[bytes, bytes] | None = None) -> Path:
+    """Write rows (dicts or a pandas DataFrame) to `path` atomically and durably, creating its
+    folder. Tuple and list cells become Parquet list columns; the readers turn them back into
+    lists. `metadata` goes into the file's schema metadata.
     """
+    import pandas as pd       # the writers run beside Ray and torch; the readers stay light
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
@@ -51,42 +49,65 @@ def write_run(run_dir: str | Path, trial_rows: list[dict], epoch_rows: list[dict
     write_parquet(trial_rows, Path(run_dir) / TRIALS_FILE, stamp)
 
 
-def _read(path: Path) -> tuple[pd.DataFrame, bytes | None]:
-    """The rows of a Parquet file and its write id (None in files written otherwise)."""
+def _table(path: Path) -> tuple[pa.Table, bytes | None]:
+    """A Parquet file and its write id (None in files written otherwise)."""
     try:
-        table = pq.read_table(path)
+        # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports pandas
+        table = pq.ParquetFile(path).read()
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ResultsError(f"cannot read {path}: {first}") from None
-    df = table.to_pandas()
-    # pyarrow hands list cells back as numpy arrays; plain lists compare with == and feed
-    # TrainConfig.from_dict (which turns lists into tuples) unchanged.
-    for col in df.columns[df.dtypes == object]:
-        if df[col].map(lambda v: isinstance(v, np.ndarray)).any():
-            df[col] = df[col].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
-    return df, (table.schema.metadata or {}).get(WRITE_ID)
+    return table, (table.schema.metadata or {}).get(WRITE_ID)
 
 
-def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Return (trials, epochs) of a run folder; no epochs file gives an empty epochs frame.
-
-    Raises ResultsError when trials.parquet is missing or unreadable.
-    """
-    run_dir = Path(run_dir)
-    trials_path, epochs_path = run_dir / TRIALS_FILE, run_dir / EPOCHS_FILE
+def _paths(run_dir: Path) -> tuple[Path, Path]:
+    trials_path = Path(run_dir) / TRIALS_FILE
     if not trials_path.is_file():
         raise ResultsError(f"no results: {trials_path} does not exist")
-    trials, trials_id = _read(trials_path)
+    return trials_path, Path(run_dir) / EPOCHS_FILE
+
+
+def _tables(run_dir: Path) -> tuple[pa.Table, pa.Table | None]:
+    """A run's two tables, checked to come from one write; None for a missing epochs file."""
+    trials_path, epochs_path = _paths(run_dir)
+    trials, trials_id = _table(trials_path)
     if not epochs_path.is_file():
-        return trials, pd.DataFrame(columns=list(EPOCH_COLUMNS))
-    epochs, epochs_id = _read(epochs_path)
+        return trials, None
+    epochs, epochs_id = _table(epochs_path)
     if trials_id and epochs_id and trials_id != epochs_id:
         raise ResultsError(f"{run_dir}: trials.parquet and epochs.parquet are from different writes (a crash "
                            f"between them); resuming the run with `raycnn run ... --resume` writes both again")
     return trials, epochs
 
 
-def require(df: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ResultsError(f"{what} lack column(s): {', '.join(missing)}")
+def read_rows(run_dir: str | Path, epochs: bool = False) -> tuple[list[dict], list[dict]]:
+    """(trials, epochs) of a run folder as lists of dicts, without pandas (the command line's
+    tables); epochs only when asked for. ResultsError when trials.parquet is missing or unreadable."""
+    trials, epoch_table = _tables(Path(run_dir))
+    return trials.to_pylist(), (epoch_table.to_pylist() if epochs and epoch_table is not None else [])
+
+
+def _frame(table: pa.Table):
+    import numpy as np
+    df = table.to_pandas()
+    # pyarrow hands list cells back as numpy arrays; plain lists compare with == and feed
+    # TrainConfig.from_dict (which turns lists into tuples) unchanged.
+    for col in df.columns[df.dtypes == object]:
+        if df[col].map(lambda v: isinstance(v, np.ndarray)).any():
+            df[col] = df[col].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)
+    return df
+
+
+def load_run(run_dir: str | Path):
+    """(trials, epochs) of a run folder as pandas frames; no epochs file gives an empty epochs
+    frame. ResultsError when trials.parquet is missing or unreadable."""
+    import pandas as pd
+    trials, epochs = _tables(Path(run_dir))
+    return _frame(trials), (_frame(epochs) if epochs is not None else pd.DataFrame(columns=list(EPOCH_COLUMNS)))
+
+
+def require(have, columns: tuple[str, ...], what: str) -> None:
+    """ResultsError naming the `columns` missing from `have` (a frame's columns, or names)."""
+    lacking = [c for c in columns if c not in set(getattr(have, "columns", have))]
+    if lacking:
+        raise ResultsError(f"{what} lack column(s): {', '.join(lacking)}")

@@ -44,12 +44,14 @@ def test_the_reading_path_imports_no_torch(modules):
 
 
 def test_reading_commands_run_without_torch_or_ray(tmp_path):
-    """Not just imported: `table`, `compare` and `report` over a published run, in one process."""
+    """Not just imported: `table` and `compare` over a published run without pandas either (they
+    must answer at once), then `report`, in one process."""
     run = str(Path(raycnn.__path__[0]).parent / "results" / "cifar10-handbuilt-30ep")
     code = ("import contextlib, io, sys\nfrom raycnn import cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            f"    codes = [cli.main(['table', {run!r}]), cli.main(['compare', {run!r}, {run!r}]),\n"
-            f"             cli.main(['report', {run!r}, '-o', {str(tmp_path / 'p.html')!r}])]\n"
-            "print(codes, 'torch' in sys.modules, 'ray' in sys.modules)")
+            f"    codes = [cli.main(['table', {run!r}]), cli.main(['compare', {run!r}, {run!r}])]\n"
+            "    light = 'pandas' not in sys.modules\n"
+            f"    codes.append(cli.main(['report', {run!r}, '-o', {str(tmp_path / 'p.html')!r}]))\n"
+            "print(codes, light, 'torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.stdout.strip() == "[0, 0, 0] False False", out.stdout + out.stderr[-2000:]
+    assert out.stdout.strip() == "[0, 0, 0] True False False", out.stdout + out.stderr[-2000:]

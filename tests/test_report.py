@@ -74,7 +74,7 @@ def test_report_in_a_browser(published, tmp_path):
     dom = done.stdout
     assert done.returncode == 0 and "</html>" in dom, done.stderr[-2000:]
 
-    expected = list(tables.fold_repeats(published.trials)["table"].unique())
+    expected = list(dict.fromkeys(c["table"] for c in tables.fold_repeats(published.trials)))
     shown = re.findall(r'<table class="report-table" data-table="([^"]*)"', dom)
     assert [t.replace("&amp;", "&") for t in shown] == expected and len(expected) >= 7   # 3.x, 4.x and pretrained
     # One figure of the whole reproduction, before the first table; then one per table with a result.
@@ -170,7 +170,7 @@ def test_table_figure_is_small_multiples_with_bars_where_no_curves(published):
 def test_reproduction_figure(published):
     """Every cell with both numbers at (report, ours), coloured by its report section, error bars
     where it has repeats; the diagonal and the ±1 / ±3 point bands in both panels."""
-    cells = tables.fold_repeats(published.trials).dropna(subset=["ours_mean", "report_acc"])
+    cells = plots.folded_frame(published.trials).dropna(subset=["ours_mean", "report_acc"])
     fig = plots.reproduction_figure(published.trials)
     every, zoom = fig.axes
     assert len(every.containers) == len(cells) == 50

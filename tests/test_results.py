@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
-from raycnn import plots, results, tables
+from raycnn import plots, results, screen, tables
 from raycnn.errors import ResultsError
 
 MNIST, AUG, PRE = "3.1 MNIST, lr = 0.01", "4.2 Data Augmentation", "5.1 Without finetuning"
@@ -93,7 +93,7 @@ def test_write_parquet_is_atomic(tmp_path):
 
 
 def test_fold_repeats(run_dir):
-    s = tables.fold_repeats(results.load_run(run_dir)[0])
+    s = pd.DataFrame(tables.fold_repeats(results.load_run(run_dir)[0]))
     assert list(s.columns) == tables.SUMMARY_COLUMNS
     assert s["name"].tolist() == [_name(t[0], t[2], t[3]) for t in TRIALS]  # declared order
     by = s.set_index("row")
@@ -143,7 +143,7 @@ def test_unknown_format(run_dir):
 
 
 def test_rich_tables(run_dir):
-    grids = tables.rich_tables(results.load_run(run_dir)[0])
+    grids = [screen.rich_table(sheet, 200) for sheet in tables.sheets(results.load_run(run_dir)[0])]
     assert [t.title for t in grids] == [MNIST, AUG, PRE]
     console = Console(record=True, width=200)
     for t in grids:
@@ -167,7 +167,7 @@ def test_colour_is_the_size_of_the_disagreement_either_way():
         assert tables._style(points / 100) == style and tables._style(-points / 100) == style
     trials = make_frames()[0]
     trials.loc[trials.row == "Crop + Flip", "final_test_acc"] = 0.92                     # 26 points above
-    [cell] = [c for t in tables.rich_tables(trials) for col in t.columns[1:] for c in col.cells
+    [cell] = [c for t in (screen.rich_table(sh, 200) for sh in tables.sheets(trials)) for col in t.columns[1:] for c in col.cells
               if str(c).startswith("92.0")]
     assert str(cell) == "92.0 (66, +26.0)" and cell.style == "red"
 
@@ -181,27 +181,27 @@ def _rows(name, seeds, acc, epochs=1):
 def test_combine_pools_same_config_and_later_run_wins_otherwise():
     a = pd.concat([_rows("s/x", [0], 0.50), _rows("s/y", [0], 0.60), _rows("s/z", [0], 0.70)])
     b = pd.concat([_rows("s/x", [0, 1, 2], 0.40), _rows("s/y", [1], 0.60), _rows("s/z", [0], 0.90, epochs=10)])
-    both = tables.combine([("A", a), ("B", b)])
+    both = pd.DataFrame(tables.combine([("A", a), ("B", b)]))
     got = {n: sorted(zip(g.source, g.seed)) for n, g in both.groupby("name")}
     assert got["s/x"] == [("B", 0), ("B", 1), ("B", 2)]     # seed 0 rerun: counted once, from B
     assert got["s/y"] == [("A", 0), ("B", 1)]               # same config, other seeds: pooled
     assert got["s/z"] == [("B", 0)]                         # another config (10 epochs): B replaces A
-    folded = tables.fold_repeats(both).set_index("name")
+    folded = pd.DataFrame(tables.fold_repeats(both)).set_index("name")
     assert folded.loc["s/y", "n"] == 2 and folded.loc["s/y", "source"] == "A, B"
     assert folded.loc["s/y", "ours_mean"] == pytest.approx(0.605)
     # The order on the command line decides: the other way round A's 1-epoch z wins.
-    assert tables.combine([("B", b), ("A", a)]).query("name == 's/z'").epochs.tolist() == [1]
+    assert pd.DataFrame(tables.combine([("B", b), ("A", a)])).query("name == 's/z'").epochs.tolist() == [1]
 
 
 def test_compare_says_whether_the_difference_beats_the_spread():
     a = pd.concat([_rows("s/x", [0, 1, 2], 0.50), _rows("s/y", [0, 1], 0.50), _rows("s/only-a", [0], 0.1)])
     b = pd.concat([_rows("s/x", [0, 1, 2], 0.60), _rows("s/y", [0, 1], 0.51), _rows("s/z", [0], 0.7)])
-    d = tables.compare(a, b).set_index("name")
-    assert sorted(d.index) == ["s/x", "s/y"]
-    assert d.loc["s/x", "diff"] == pytest.approx(0.10) and d.loc["s/x", "beyond_spread"] is True
-    assert d.loc["s/y", "diff"] == pytest.approx(0.01) and d.loc["s/y", "beyond_spread"] is False
+    d = {r["name"]: r for r in tables.compare(a, b)}
+    assert sorted(d) == ["s/x", "s/y"]
+    assert d["s/x"]["diff"] == pytest.approx(0.10) and d["s/x"]["beyond_spread"] is True
+    assert d["s/y"]["diff"] == pytest.approx(0.01) and d["s/y"]["beyond_spread"] is False
     one = tables.compare(_rows("s/x", [0], 0.5), _rows("s/x", [0], 0.6))
-    assert one["beyond_spread"].tolist() == [None]
+    assert [r["beyond_spread"] for r in one] == [None]
 
 
 def test_plot(run_dir, tmp_path):
