@@ -219,4 +219,4 @@ def test_plot(run_dir, tmp_path):
     assert base.loc[2, "test_acc"] == pytest.approx(0.976 + 0.01)  # mean over the 3 repeats
     assert base.loc[1, "train_loss"] == pytest.approx(2.0)
     other = plots.plot(run_dir, tmp_path / "elsewhere")
-    assert [p.parent for p in other] == [tmp_path / "elsewhere"] * 3
+    assert [p.local.parent for p in other] == [tmp_path / "elsewhere"] * 3

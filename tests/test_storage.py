@@ -2,8 +2,11 @@
 module as a subprocess and stopped by its pid (tests/support.py). Nothing here mocks boto or
 pyarrow in-process. Clients get the server only through the standard AWS environment variables.
 
-- a run folder's files read and written the same way on a local disk and in a bucket;
-- `table` and `report` of a run in a bucket print what they print for the same run on disk;
+- a run folder's files read and written the same way, all or nothing, on a local disk, in a
+  bucket and on a filesystem of neither kind (write-new-then-point);
+- a URI that carries credentials is refused without showing them;
+- `table`, `compare` and `report` of a run in a bucket print what they print for the same run on
+  disk, and `plot` draws the same figures into the bucket;
 - `run` refuses, in one line and before Ray starts, a bucket that does not exist;
 - the lease that keeps a second driver off a run folder in a bucket.
 """
@@ -40,29 +43,51 @@ def aws(s3, monkeypatch):
     return s3
 
 
-@pytest.mark.parametrize("where", ["disk", "bucket"])
-def test_a_place_works_alike_on_disk_and_in_a_bucket(where, aws, tmp_path):
-    root = storage.resolve(tmp_path / "r" if where == "disk" else f"s3://bkt/{where}-{time.time_ns()}/r")
+def _root(where: str, tmp_path: Path) -> storage.Place:
+    """A fresh folder: on this disk, in the bucket, or on a filesystem that is neither (pyarrow's
+    SubTreeFileSystem over this disk stands for HDFS and the like: no rename-free atomic write)."""
+    if where == "other":
+        return storage.Place(pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem()), "r")
+    return storage.resolve(tmp_path / "r" if where == "disk" else f"s3://bkt/{where}-{time.time_ns()}/r")
+
+
+@pytest.mark.parametrize("where", ["disk", "bucket", "other"])
+def test_a_place_works_alike_on_disk_in_a_bucket_and_elsewhere(where, aws, tmp_path):
+    root = _root(where, tmp_path)
     assert not root.exists() and root.tree() == {}
     (root / "a.json").write_text('{"x": 1}')
     (root / "sub" / "b.txt").write_bytes(b"b")
     assert json.loads((root / "a.json").read_text()) == {"x": 1} and (root / "a.json").is_file()
-    assert sorted(root.tree()) == ["a.json", "sub/b.txt"]
+    assert sorted(root.tree()) == ["a.json", "sub/b.txt"]          # no temporary file left behind
     assert [p.name for p in root.files("*.json")] == ["a.json"]
+    (root / "a.json").write_text('{"x": 2}')                        # replaced whole
+    assert json.loads((root / "a.json").read_text()) == {"x": 2} and sorted(root.tree()) == ["a.json", "sub/b.txt"]
 
     def half(f):
         f.write(b"half of it")
         raise RuntimeError("the writer failed half-way")
     with pytest.raises(RuntimeError):
         (root / "a.json").write(half)
-    assert (root / "a.json").read_text() == '{"x": 1}'      # all or nothing
+    assert (root / "a.json").read_text() == '{"x": 2}'      # all or nothing
+    assert sorted(root.tree()) == ["a.json", "sub/b.txt"]
     with pytest.raises(FileNotFoundError):
         (root / "nothing").read_bytes()
     (root / "a.json").unlink()
     (root / "a.json").unlink()                               # gone already: no error
     root.rmtree()
     assert root.tree() == {}
-    assert str(root).startswith("s3://bkt/" if where == "bucket" else "/")
+    assert str(root).startswith({"bucket": "s3://bkt/", "disk": "/", "other": "subtree://"}[where])
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLEKEY:wJalrEXAMPLESECRET@bkt/runs", "s3://AKIAEXAMPLEKEY@bkt/runs",
+                                 "abfs://acct:wJalrEXAMPLESECRET@ctr/runs",
+                                 "abfs://acct@ctr/runs?client_id=x&client_secret=wJalrEXAMPLESECRET"])
+def test_a_uri_holding_credentials_is_refused_without_showing_them(uri, tmp_path, ray_tmp):
+    with pytest.raises(StorageError, match="credentials in the URI are refused") as refused:
+        storage.resolve(uri)
+    assert "EXAMPLE" not in str(refused.value)
+    out = run_cli("table", uri, env=cli_env(ray_tmp))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "EXAMPLE" not in out.stderr, out.stderr
 
 
 def test_a_uri_pyarrow_cannot_open_is_one_line():
@@ -93,6 +118,20 @@ def test_table_and_report_read_a_run_in_a_bucket(s3, tmp_path, ray_tmp):
     assert (tmp_path / "0.md").read_text() == (tmp_path / "1.md").read_text().replace("1_files/", "0_files/")
     missing = run_cli("table", "s3://bkt/published/nosuch", env=env)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no results" in missing.stderr
+
+
+def test_plot_draws_a_run_in_a_bucket_into_it(s3, tmp_path, ray_tmp):
+    uri = _copy_published(s3, "plotted")
+    s3.admin().delete_dir(f"{uri[len('s3://'):]}/plots")            # the copy's figures: drawn again below
+    env = cli_env(ray_tmp, **s3.env)
+    on_disk = run_cli("plot", PUBLISHED, "--out", tmp_path / "plots", env=env)
+    in_bucket = run_cli("plot", uri, env=env)
+    assert on_disk.returncode == in_bucket.returncode == 0, in_bucket.stderr
+    drawn = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert len(drawn) == 3 and in_bucket.stdout.split() == [f"{uri}/plots/{name}" for name in drawn]
+    for name in drawn:
+        with s3.admin().open_input_stream(f"{uri[len('s3://'):]}/plots/{name}") as f:
+            assert f.read() == (tmp_path / "plots" / name).read_bytes()
 
 
 def test_run_refuses_a_bucket_it_cannot_write_before_ray_starts(s3, tmp_path, ray_tmp):

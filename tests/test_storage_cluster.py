@@ -3,8 +3,9 @@ server on loopback (a real S3 API over HTTP, tests/support.py), two Ray nodes on
 
 - a run into s3://bkt/runs on two nodes, one trial's worker killed mid-epoch: the trial goes on
   from its checkpoint in the bucket; `table` and `report` read the run there;
-- an interrupted run folder copied from a disk into a bucket resumes there, and copied back out
-  of the bucket onto another disk path reads and resumes there;
+- an interrupted run folder copied from a disk into a bucket resumes there, and copied on out of
+  the bucket onto another disk path resumes there too, to the same rows; a finished one copied
+  out of the bucket reads the same;
 - a results location one node cannot reach fails before any trial, in one line naming the node.
 
 Every Ray started here is stopped by the process ids it started, the S3 server by its pid.
@@ -93,39 +94,67 @@ def test_a_run_in_a_bucket_on_two_nodes_survives_a_killed_trial(tmp_path):
 
 # ---------------------------------------------------------------- run folders that travel
 
-def test_an_interrupted_run_travels_from_disk_to_a_bucket_and_back(interrupted, tmp_path, ray_tmp):
-    """The interrupted run (conftest.py), copied into a bucket, resumes there; copied back out
-    onto another disk path, it reads and resumes there. No path inside it decides anything."""
-    suite, _, name, _, copy = interrupted
-    before_trials, before_epochs = results.load_run(copy / name)
+# What two trainings of the same epochs agree on (timings, nodes and provenance differ run to run).
+TRAINED = ["name", "repeat", "epoch", "train_loss", "train_acc", "test_loss", "test_acc", "resumed"]
+
+
+def _drivers_files(folder: Path) -> dict[str, bytes]:
+    """The files of a run folder that only a driver writes (the plan, the Parquet files, Tune's
+    state and result.json files): not the progress files and checkpoints, which a trial of the
+    interrupted run may still have written as its worker died after its driver."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part == "progress" or part.startswith("checkpoint_")
+                                       for part in p.relative_to(folder).parts)}
+
+
+def _went_on_exactly(run: str | storage.Place | Path, before: tuple[pd.DataFrame, pd.DataFrame]) -> pd.DataFrame:
+    """The resumed run's epochs, checked against the interrupted run's: every trial done, every
+    epoch exactly once, the finished trials' rows untouched, and the cut trial gone on from its
+    checkpoint."""
+    before_trials, before_epochs = before
+    trials, epochs = results.load_run(run)
+    assert len(trials) == 3 and set(trials.status) == {"ok"}, trials[["name", "status", "error"]]
+    for _, t in trials.iterrows():
+        assert list(epochs_of(epochs, t["name"]).epoch) == list(range(1, t.epochs + 1)), t["name"]
+    for trial in before_trials[before_trials.status == "ok"].name:
+        pd.testing.assert_frame_equal(epochs_of(epochs, trial), epochs_of(before_epochs, trial))
+    going = before_trials[before_trials.status == "running"].iloc[0]
+    cut = int(going.epochs_done)
+    mine = epochs_of(epochs, going["name"])
+    pd.testing.assert_frame_equal(mine.iloc[:cut], epochs_of(before_epochs, going["name"]))
+    assert cut > 0 and mine.resumed.iloc[cut:].all()
+    return epochs
+
+
+def test_an_interrupted_run_travels_from_disk_to_a_bucket_and_on_to_a_laptop(interrupted, tmp_path, ray_tmp):
+    """The interrupted run (conftest.py) copied from its disk into a bucket resumes there; the
+    same interrupted folder copied on, out of the bucket onto another disk path, resumes there
+    with no bucket running, and the two end with the same rows. Neither resume touches a folder
+    it was copied from: no path inside a run folder decides anything."""
+    suite, res, name, _, copy = interrupted
+    before = results.load_run(copy / name)
+    sources = {folder: _drivers_files(folder) for folder in (res / name, copy / name)}
     options = ["--synthetic", "--num-cpus", "1", "--max-concurrent", "1", "--name", name, "--resume"]
+    laptop = tmp_path / "laptop" / "results"
     with s3_server() as s3:
         s3.admin().create_dir("bkt")
         env = cli_env(ray_tmp, **s3.env)
         pafs.copy_files(str(copy / name), f"bkt/moved/{name}", destination_filesystem=s3.admin())
-        out = raycnn("run", suite, "--results-dir", "s3://bkt/moved", *options, env=env)
+        pafs.copy_files(f"bkt/moved/{name}", str(laptop / name), source_filesystem=s3.admin())
+        out = raycnn("run", suite, "--results-dir", "s3://bkt/moved", *options, env=env, timeout=1800)
         assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
         assert out.stderr.strip().splitlines()[-1] == f"raycnn: done: results in s3://bkt/moved/{name}"
-        trials, epochs = results.load_run(storage.Place(s3.admin(), f"bkt/moved/{name}"))
-        assert len(trials) == 3 and set(trials.status) == {"ok"}
-        for _, t in trials.iterrows():                          # every epoch exactly once
-            assert list(epochs_of(epochs, t["name"]).epoch) == list(range(1, t.epochs + 1)), t["name"]
-        for trial in before_trials[before_trials.status == "ok"].name:   # finished before: untouched
-            pd.testing.assert_frame_equal(epochs_of(epochs, trial), epochs_of(before_epochs, trial))
-        going = before_trials[before_trials.status == "running"].iloc[0]
-        cut = int(going.epochs_done)
-        mine = epochs_of(epochs, going["name"])
-        pd.testing.assert_frame_equal(mine.iloc[:cut], epochs_of(before_epochs, going["name"]))
-        assert mine.resumed.iloc[cut:].all()                    # went on from its checkpoint, now in the bucket
-
-        laptop = tmp_path / "elsewhere" / "results"
-        pafs.copy_files(f"bkt/moved/{name}", str(laptop / name), source_filesystem=s3.admin())
-        _same_reading(f"s3://bkt/moved/{name}", laptop / name, env, tmp_path)
-    again = raycnn("run", suite, "--results-dir", laptop, *options, env=cli_env(ray_tmp))   # no bucket now
-    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr[-3000:]
-    trials2, epochs2 = results.load_run(laptop / name)
-    pd.testing.assert_frame_equal(epochs2, epochs)
-    pd.testing.assert_frame_equal(trials2, trials)
+        in_bucket = _went_on_exactly(storage.Place(s3.admin(), f"bkt/moved/{name}"), before)
+        fetched = tmp_path / "fetched" / name          # the finished run, out of the bucket: reads the same
+        pafs.copy_files(f"bkt/moved/{name}", str(fetched), source_filesystem=s3.admin())
+        _same_reading(f"s3://bkt/moved/{name}", fetched, env, tmp_path)
+    out = raycnn("run", suite, "--results-dir", laptop, *options, env=cli_env(ray_tmp), timeout=1800)   # no bucket now
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    on_laptop = _went_on_exactly(laptop / name, before)
+    pd.testing.assert_frame_equal(on_laptop[TRAINED], in_bucket[TRAINED])
+    for folder, files in sources.items():
+        now = _drivers_files(folder)
+        assert now == files, [f for f in set(now) | set(files) if now.get(f) != files.get(f)]
 
 
 # ---------------------------------------------------------------- a node that cannot reach the results
