@@ -217,7 +217,7 @@ def _holds_credentials(uri: str) -> bool:
 def _without_userinfo(uri: str) -> str:
     """The URI as it may be shown: no user part, no query (either may hold the secret)."""
     parts = urllib.parse.urlsplit(uri)
-    return urllib.parse.urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def probe(run_dir: Place, token: str, who: str) -> str:

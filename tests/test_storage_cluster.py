@@ -46,9 +46,15 @@ def _same_reading(a: str | Path, b: str | Path, env: dict, tmp: Path) -> None:
 
 # ---------------------------------------------------------------- a run in a bucket on two nodes
 
+# FAULT_SUITE with ft/long's epochs 8 times longer: the kill below waits for its epoch 2 to be
+# under way, seen through a listing and a read of the bucket per poll, and on an idle machine
+# an epoch of 1,024 images can pass between two polls.
+LONG_SUITE = FAULT_SUITE.replace('name = "long"\nepochs = 3\n', 'name = "long"\nepochs = 3\nmax_train_samples = 8192\n')
+assert LONG_SUITE != FAULT_SUITE
+
 def test_a_run_in_a_bucket_on_two_nodes_survives_a_killed_trial(tmp_path):
     suite = tmp_path / "ft.toml"
-    suite.write_text(FAULT_SUITE)
+    suite.write_text(LONG_SUITE)
     with s3_server() as s3, two_nodes(head_env=s3.env, worker_env=s3.env) as cluster:
         s3.admin().create_dir("bkt")
         env = {**os.environ, **BASE_ENV, **s3.env, "RAYCNN_PROGRESS_S": "0"}
