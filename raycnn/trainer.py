@@ -108,6 +108,8 @@ def build_training(config: TrainConfig, arrays: datafiles.Arrays | None = None) 
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    if device.type == "cpu":
+        memory.keep_freed_memory()       # a step's freed memory serves the next step (see there)
     torch.manual_seed(config.seed)
     model = models.build(config.model, pretrained=config.pretrained, weights=config.weights or None).to(device)
     layout = memory_format(config.model, device)
