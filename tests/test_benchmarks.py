@@ -126,13 +126,17 @@ def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
     assert all(t.config.epochs == {"cifar10": 30, "mnist": 10}[t.suite] for t in trials)
 
 
-def test_layout_both_formats_alternating(tmp_path):
+@pytest.mark.parametrize("precision, file", [("fp32", "layout-cpu.parquet"), ("bf16", "layout-cpu-bf16.parquet")])
+def test_layout_both_formats_alternating(tmp_path, precision, file):
     out = script("layout.py", "--quick", "--models", "mnist_base,cifar_base", "--reps", "2", "--out", tmp_path,
-                 cwd=tmp_path)
+                 "--precision", precision, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    df = pd.read_parquet(tmp_path / "layout-cpu.parquet")
-    for col in ("device", "model", "layout", "ms_per_step", "rep", "ratio", "steps", "threads", *PROVENANCE):
+    assert [p.name for p in tmp_path.glob("layout-*.parquet")] == [file]
+    df = pd.read_parquet(tmp_path / file)
+    for col in ("device", "model", "precision", "layout", "ms_per_step", "rep", "ratio", "steps", "threads",
+                *PROVENANCE):
         assert col in df.columns, col
+    assert set(df.precision) == {precision} and f"batch 64, {precision};" in out.stdout
     assert len(df) == 2 * 2 * 2 and (df.ms_per_step > 0).all()
     for _, g in df.groupby(["model", "rep"]):
         v = g.set_index("layout")
