@@ -7,10 +7,14 @@ shared filesystem or a bucket, is not trusted to hold only what raycnn wrote).
 """
 from __future__ import annotations
 
+import io
+import posixpath
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from raycnn import storage
 from raycnn.errors import CheckpointError
 from raycnn.files import atomic
 
@@ -29,23 +33,33 @@ def read(path: str | Path, mmap: bool = False) -> dict:
     reading them (for checking a file without loading it)."""
     path = Path(path)
     path = path / STATE_FILE if path.is_dir() else path
+    return _load(path, path, mmap)
+
+
+def _load(source: Path | BinaryIO, shown, mmap: bool = False) -> dict:
+    """torch.load of a file or a file-like object, the safe way; `shown` names it in errors."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:      # torch raises several types for a bad file; all mean "not loaded"
         detail = (str(e).strip().splitlines() or [""])[0][:200]
-        raise CheckpointError(f"checkpoint {path} refused ({type(e).__name__}: {detail})") from None
+        raise CheckpointError(f"checkpoint {shown} refused ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path} refused: not a raycnn checkpoint")
+        raise CheckpointError(f"checkpoint {shown} refused: not a raycnn checkpoint")
     return state
 
 
-def check_all(folder: str | Path) -> int:
-    """Read every checkpoint file under `folder` the safe way; the number checked, or
-    CheckpointError naming the first that is refused."""
-    files = sorted(p for name in (STATE_FILE, BEST_FILE) for p in Path(folder).rglob(name))
-    for path in files:
+def check_all(folder: str | Path | storage.Place) -> int:
+    """Read every checkpoint file under `folder` (a local folder or one in a bucket) the safe
+    way; the number checked, or CheckpointError naming the first that is refused."""
+    folder = storage.resolve(folder)
+    files = sorted(rel for rel in folder.tree() if posixpath.basename(rel) in (STATE_FILE, BEST_FILE))
+    for rel in files:
+        place = folder / rel
         try:
-            read(path, mmap=False)
+            _load(place.local or io.BytesIO(place.read_bytes()), place)
+        except OSError as e:
+            raise CheckpointError(f"checkpoint {place} unreadable ({storage.first_line(e)}); remove it to train that "
+                                  f"trial again from scratch") from None
         except CheckpointError as e:
             raise CheckpointError(f"{e}; remove it to train that trial again from scratch") from None
     return len(files)

@@ -14,11 +14,15 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from raycnn import screen, suites
 from raycnn.errors import EXIT, OptionError, UserError
+
+if TYPE_CHECKING:
+    from raycnn.storage import Place
 
 console = Console()
 err_console = Console(stderr=True)
@@ -124,28 +128,32 @@ def split_weights(trials: list[suites.Trial]) -> dict[str, str]:
     return {t.name: suites.NEEDS_WEIGHTS for t in need}
 
 
-def prepare_run_dir(args) -> tuple[Path, list[Path]]:
-    """RESULTS_DIR/RUN, refusing to overwrite an existing run unless --resume; also the folders
-    this call created (innermost first), for `discard` to take back if the run cannot start."""
-    if "://" in args.results_dir:
-        raise OptionError(f"--results-dir {args.results_dir}: URIs are not supported; give a local path, or on a "
-                                f"cluster a shared filesystem mounted at the same path on every node (EFS/NFS)")
-    run_dir = Path(args.results_dir).expanduser().resolve() / args.name
+def prepare_run_dir(args) -> tuple[Place, list[Place]]:
+    """RESULTS_DIR/RUN (a local folder, or a URI such as s3://BUCKET/PATH), refusing to overwrite
+    an existing run unless --resume, and one that cannot be written; also the folders this call
+    created (innermost first), for `discard` to take back if the run cannot start."""
+    from raycnn import plan, storage
     if args.name in ("", ".", "..") or Path(args.name).name != args.name:
         raise OptionError(f"--name {args.name!r}: must be a plain folder name")
+    run_dir = storage.resolve(args.results_dir) / args.name
     if run_dir.exists() and not args.resume:
         raise OptionError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
-    if args.resume and not (run_dir / "plan.json").exists():
+    if args.resume and not plan.path(run_dir).exists():
         raise OptionError(f"--resume: no run to resume at {run_dir}")
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+    local = run_dir.local
+    # A bucket has no folders to make: a key prefix exists once an object is under it.
+    created = [storage.Place(run_dir.fs, str(d)) for d in (local, *local.parents) if not d.exists()] if local \
+        else [run_dir]
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if local:
+            local.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
-        probe.write_text("ok")
+        probe.write_bytes(b"ok", durable=False)
         probe.unlink()
-    except OSError as e:
+    except (OSError, UserError) as e:
         discard([d for d in created if d.exists()])
-        raise OptionError(f"cannot write results to {run_dir}: {e.strerror or e}") from None
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else storage.first_line(e)
+        raise OptionError(f"cannot write results to {run_dir}: {detail}") from None
     return run_dir, created
 
 
@@ -153,15 +161,16 @@ def prepare_run_dir(args) -> tuple[Path, list[Path]]:
 LEFT_BEFORE_START = ("driver.lock", "plan.json", "ray.log")
 
 
-def discard(created: list[Path]) -> None:
+def discard(created: list[Place]) -> None:
     """Remove the folders prepare_run_dir made, innermost first, where nothing but what a run
-    leaves before it starts is in them."""
+    leaves before it starts is in them (in a bucket: those objects; the prefix goes with them)."""
     if created:
         for name in LEFT_BEFORE_START:
-            (created[0] / name).unlink(missing_ok=True)
+            (created[0] / name).unlink()
     for d in created:
         try:
-            d.rmdir()
+            if d.local:
+                d.local.rmdir()
         except OSError:
             return
 
@@ -209,7 +218,11 @@ def cmd_run(args) -> int:
     Everything that can be checked without Ray is checked before Ray is imported. A run that
     cannot start leaves no folder behind; an interrupted one (Ctrl-C, SIGTERM) prints the
     command that resumes it and exits with EXIT["interrupted"]."""
+    from raycnn import storage
     args.log = trackers(args.log or [])
+    if ("mlflow", None) in args.log and storage.resolve(args.results_dir).local is None:
+        raise OptionError(f"--log mlflow with --results-dir {args.results_dir}: give a tracking URI "
+                          f"(--log mlflow=URI); the default store is an SQLite file, which needs a local run folder")
     trials = select(args)
     skipped = split_weights(trials)
     args.name = args.name or f"{Path(args.suite).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -257,8 +270,8 @@ def say(line: str) -> None:
 
 def load_runs(run_dirs: list[str]) -> list[dict]:
     """The trial rows of the given run folders, laid together by `tables.combine`'s rule."""
-    from raycnn import results, tables
-    return tables.combine([(Path(d).resolve().name, results.read_rows(d)[0]) for d in run_dirs])
+    from raycnn import results, storage, tables
+    return tables.combine([(storage.resolve(d).name, results.read_rows(d)[0]) for d in run_dirs])
 
 
 def show(trials, source: bool = False) -> None:
@@ -282,14 +295,15 @@ def cmd_table(args) -> int:
 
 def cmd_compare(args) -> int:
     """`raycnn compare RUN_A RUN_B`: per trial in both, A, B and B - A."""
-    from raycnn import tables
+    from raycnn import storage, tables
     from raycnn.errors import ResultsError
     a, b = (load_runs([d]) for d in (args.run_a, args.run_b))
     diffs = tables.compare(a, b)
     if not diffs:
         raise ResultsError(f"{args.run_a} and {args.run_b} have no trial in common")
     if args.format == "rich":
-        screen.emit(console, [tables.compare_sheet(diffs, Path(args.run_a).name, Path(args.run_b).name)])
+        screen.emit(console, [tables.compare_sheet(diffs, storage.resolve(args.run_a).name,
+                                                   storage.resolve(args.run_b).name)])
     else:
         sys.stdout.write(tables.compare_text(diffs, args.format))
     return 0
@@ -329,7 +343,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-train-samples", type=int, help="train on the first N images")
     r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
     # Not results/: that folder holds the published runs; runs/ is git-ignored.
-    r.add_argument("--results-dir", default="runs", help="where run folders go (default: runs/)")
+    r.add_argument("--results-dir", default="runs",
+                   help="where run folders go: a folder or a URI such as s3://BUCKET/PATH (default: runs/)")
     r.add_argument("--name", help="run folder name (default: SUITE-DATE-TIME)")
     r.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
     r.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the suite's)")

@@ -3,7 +3,8 @@
 Placement checks each trial's request against the nodes the cluster **can** have: the nodes
 alive now plus the node types its autoscaler may start. A request that fits one of them is
 submitted (Tune's pending trials are what makes the autoscaler add workers); one that fits none
-fails in one line before any trial starts.
+fails in one line before any trial starts. So does a results folder that some node alive now
+cannot reach (`probe`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import ray
 import yaml
 
+from raycnn import storage
 from raycnn.errors import RunError
 
 Shape = dict[str, float]     # a node's resources, e.g. {"CPU": 8, "GPU": 1}
@@ -226,3 +228,39 @@ def place(entries: list[dict], nodes: list[Shape], gpus_option: float | None = N
 def fits(request: Shape, node: Shape) -> bool:
     """Whether a node of this shape can hold the request."""
     return all(node.get(k, 0) >= v for k, v in request.items() if v)
+
+
+# ---------------------------------------------------------------- can every node reach the results?
+
+PROBE_TIMEOUT_S = 300     # a node's first task starts a worker process: slow on a busy machine
+
+
+def probe(run_dir: storage.Place, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """RunError in one line, before any trial starts, naming a node alive now that cannot see the
+    run folder or write in it (a local path that is not the shared mount there, a bucket its
+    credentials may not write). The driver writes a probe file into the folder; a task pinned to
+    each node reads it and writes and removes one of its own (`raycnn.storage.probe`). Nodes the
+    autoscaler adds later are not probed: Tune fails their trials instead."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    token = secrets.token_hex(8)
+    mark = run_dir / f".probe-{token}"
+    mark.write_bytes(token.encode(), durable=False)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(num_cpus=0, max_retries=0)(storage.probe)
+    try:
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(run_dir, token, n["NodeID"][:8]) for n in nodes]
+        try:
+            answers = ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise RunError(f"--results-dir {run_dir}: not every node answered within {timeout:g} s whether it "
+                           f"can write there") from None
+        except ray.exceptions.RayError as e:
+            raise RunError(f"--results-dir {run_dir}: a node could not check it: {storage.first_line(e)}") from None
+    finally:
+        mark.unlink()
+    for node, problem in zip(nodes, answers):
+        if problem:
+            raise RunError(f"--results-dir {run_dir}: node {node.get('NodeManagerHostname', '?')}/{node['NodeID'][:8]} "
+                           f"{problem}; every node must reach it: a bucket, or a filesystem mounted at the same path "
+                           f"on each")

@@ -37,6 +37,10 @@ class ResultsError(UserError):
     """Results that cannot be read, shown or written (raycnn.results, raycnn.tables)."""
 
 
+class StorageError(UserError):
+    """A results location that cannot be opened, reached or written (raycnn.storage)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint that will not be loaded: unreadable, or holding more than tensors and
     plain values (raycnn.checkpoint)."""

@@ -8,23 +8,27 @@ report's summary and provenance; an epoch row is one report. A restarted trial r
 from the epoch after its checkpoint, so a report of epoch k supersedes the earlier reports of
 epoch k and later (no duplicates after restarts). Trials the plan skipped get a row saying why.
 
-`write_results` is the one writer of trials.parquet and epochs.parquet.
+`write_results` is the one writer of trials.parquet and epochs.parquet. The run folder may be
+on object storage (`raycnn.storage`): its Tune folder is listed once and only the files read
+that are there.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
 from pathlib import Path
 
 from raycnn import plan as run_plan
-from raycnn import results
+from raycnn import results, storage
 from raycnn.outcome import outcome
+from raycnn.storage import Place
 
 
-def experiment_dir(run_dir: Path) -> Path:
+def experiment_dir(run_dir: str | Path | Place) -> Place:
     """Tune's experiment folder (checkpoints, result.json files) inside a run folder."""
-    return Path(run_dir) / "tune" / "experiment"
+    return storage.resolve(run_dir) / "tune" / "experiment"
 
 
 def trial_folder(meta: dict) -> str:
@@ -46,65 +50,73 @@ EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "va
                 "seconds", "images_per_s", "peak_mem_mb", "node", "device", "precision", "status", "resumed", "warning")
 
 
-def collect(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def collect(run_dir: str | Path | Place) -> tuple[list[dict], list[dict]]:
     """Trial rows and epoch rows of a run folder: its plan's trials, as far as they got."""
     exp = experiment_dir(run_dir)
-    states = tune_states(exp)
+    there = exp.tree()
+    states = tune_states(exp, there)
     trial_rows, epoch_rows = [], []
     for meta in run_plan.read(run_dir).entries:
         if meta.get("skipped"):
             trial_rows.append(_skipped_row(meta))
             continue
-        folder = exp / trial_folder(meta)
-        if not (folder / "params.json").exists():
+        name = trial_folder(meta)
+        if f"{name}/params.json" not in there:
             continue          # not started (yet): the run is unfinished
-        reports = _reports(folder / "result.json")
-        errors = (folder / "error.txt").read_text().strip().splitlines() if (folder / "error.txt").exists() else []
-        trial_rows.append(_trial_row(meta, reports, errors, states.get(folder.name)))
+        reports = _reports(exp / name / "result.json") if f"{name}/result.json" in there else []
+        errors = (exp / name / "error.txt").read_text().strip().splitlines() if f"{name}/error.txt" in there else []
+        trial_rows.append(_trial_row(meta, reports, errors, states.get(name)))
         epoch_rows += [_epoch_row(meta, r) for r in reports]
     return trial_rows, epoch_rows
 
 
-def tune_states(exp: Path) -> dict[str, str]:
+def tune_states(exp: Place, there: dict) -> dict[str, str]:
     """Tune's status of each trial (PENDING, RUNNING, PAUSED, TERMINATED, ERROR) by trial folder,
-    from its newest experiment state; {} where there is none yet."""
-    files = sorted(exp.glob("experiment_state-*.json"), key=lambda p: p.stat().st_mtime)
+    from its newest experiment state (`there`: exp.tree()); {} where there is none yet."""
+    files = sorted((i.mtime, rel) for rel, i in there.items()
+                   if "/" not in rel and fnmatch.fnmatch(rel, "experiment_state-*.json"))
     try:
-        data = json.loads(files[-1].read_text())["trial_data"] if files else []
+        data = json.loads((exp / files[-1][1]).read_text())["trial_data"] if files else []
         states = [json.loads(t[0]) for t in data]
         return {t["relative_logdir"]: t["status"] for t in states}
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return {}
 
 
-def _reports(path: Path) -> list[dict]:
+def _reports(path: Place) -> list[dict]:
     """The epoch reports of one trial, in order. A restarted trial reports again from the epoch
     after its checkpoint (or from 1 when it starts over): a report of epoch k supersedes every
     earlier report of epoch k and later, so the rows are those of the run that went on. A line
     cut off by a crash is skipped (`repair` makes sure no later line is glued to it)."""
     by_epoch: dict[int, dict] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                result = json.loads(line) if line.strip() else {}
-            except json.JSONDecodeError:
-                continue
-            if "epoch" in result:
-                by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
-                by_epoch[result["epoch"]] = result
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    for line in text.splitlines():
+        try:
+            result = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError:
+            continue
+        if "epoch" in result:
+            by_epoch = {k: v for k, v in by_epoch.items() if k < result["epoch"]}
+            by_epoch[result["epoch"]] = result
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def repair(run_dir: Path) -> list[str]:
+def repair(run_dir: str | Path | Place) -> list[str]:
     """Cut the torn last line off every result.json of the run (a crash mid-write leaves one;
     Tune would append the next report to it and both would be lost). Returns the trial folders
     whose line was cut: that epoch's row is a gap unless the trial trains it again."""
-    cut = []
-    for path in sorted(experiment_dir(run_dir).glob("*/result.json")):
-        data = path.read_bytes()
+    exp, cut = experiment_dir(run_dir), []
+    for rel in sorted(exp.tree()):
+        folder, _, name = rel.partition("/")
+        if name != "result.json":
+            continue
+        data = (exp / rel).read_bytes()
         if data and not data.endswith(b"\n"):
-            path.write_bytes(data[:data.rfind(b"\n") + 1])
-            cut.append(path.parent.name)
+            (exp / rel).write_bytes(data[:data.rfind(b"\n") + 1])
+            cut.append(folder)
     return cut
 
 
@@ -151,7 +163,7 @@ def _skipped_row(meta: dict) -> dict:
         "gpus_per_trial": meta["gpus"], "cpus_per_trial": meta["cpus"]}
 
 
-def write_results(run_dir: Path) -> tuple[list[dict], list[dict]]:
+def write_results(run_dir: str | Path | Place) -> tuple[list[dict], list[dict]]:
     """(Re)write RUN_DIR/trials.parquet and epochs.parquet from the plan and Tune's folder."""
     trial_rows, epoch_rows = collect(run_dir)
     if trial_rows:

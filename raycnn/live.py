@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from raycnn import epoch_progress
+from raycnn import epoch_progress, storage
 from raycnn.experiment import trial_folder
 
 
@@ -24,9 +24,11 @@ class LiveView:
 
     ORDER = {"running": 0, "error": 1, "diverged": 2, "ok": 3, "stopped": 3, "pending": 4}
 
-    def __init__(self, console: Console, max_rows: int = 24, header: str = "", progress_dir: str | Path = ""):
+    def __init__(self, console: Console, max_rows: int = 24, header: str = "",
+                 progress_dir: str | Path | storage.Place = ""):
         self.console, self.max_rows, self.rows, self.live, self.header = console, max_rows, {}, None, header
-        self.progress_dir = Path(progress_dir) if progress_dir else None
+        self.progress_dir = storage.resolve(progress_dir) if progress_dir else None
+        self.read_at: dict[str, tuple[float, dict | None]] = {}   # folder -> (when read, record)
 
     def warn(self, message: str) -> None:
         """A line the user must see (above the live table on a terminal)."""
@@ -77,7 +79,11 @@ class LiveView:
         """The running trial's progress inside its current epoch, if it wrote any."""
         if self.progress_dir is None or row["status"] != "running":
             return None
-        record = epoch_progress.read(self.progress_dir / f"{row['folder']}.json")
+        # Read at most as often as trials write: in a bucket each read is a request.
+        at, record = self.read_at.get(row["folder"], (-math.inf, None))
+        if time.monotonic() - at >= min(epoch_progress.EVERY_S, 1.0):
+            record = epoch_progress.read(self.progress_dir / f"{row['folder']}.json")
+            self.read_at[row["folder"]] = (time.monotonic(), record)
         # A file is removed when its trial ends or restarts, so a later epoch than the row's last
         # is the current one (also when a resumed run's rows have not heard of earlier epochs).
         return record if record and record.get("epoch", 0) > row["epoch"] else None

@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from raycnn import storage
 from raycnn.errors import ResultsError, RunError
-from raycnn.files import atomic_text
 
 PLAN_FILE = "plan.json"
 
@@ -24,8 +24,9 @@ PLAN_FILE = "plan.json"
 OPTION_OF = {"epochs": "--epochs", "max_train_samples": "--max-train-samples", "budget": "--quick/--epochs",
              "precision": "--precision", "seed": "--seed", "synthetic": "--synthetic", "weights": "--weights",
              "num_threads": "--cpus-per-trial"}
-# Fields a resume may change: where things are, not what is trained.
-FREE = {"data_dir", "checkpoint_every"}
+# Fields a resume may change: where things are, not what is trained. A --weights file is the
+# same file wherever it is now when its sha256 (the plan's inputs) is the same.
+FREE = {"data_dir", "checkpoint_every", "weights"}
 # Entry fields beside the config that decide the results.
 DECIDING = {"cpus": "--cpus-per-trial", "gpus": "--gpus-per-trial"}
 
@@ -55,15 +56,15 @@ def entries(trials: list, repeats: int, skipped: dict[str, str] | None = None) -
     return json.loads(json.dumps(out))      # as plan.json holds them (tuples as lists), to compare like with like
 
 
-def path(run_dir: str | Path) -> Path:
-    return Path(run_dir) / PLAN_FILE
+def path(run_dir: str | Path | storage.Place) -> storage.Place:
+    return storage.resolve(run_dir) / PLAN_FILE
 
 
-def write(run_dir: str | Path, plan: Plan) -> None:
-    atomic_text(path(run_dir), plan.to_json())
+def write(run_dir: str | Path | storage.Place, plan: Plan) -> None:
+    path(run_dir).write_text(plan.to_json())
 
 
-def read(run_dir: str | Path) -> Plan:
+def read(run_dir: str | Path | storage.Place) -> Plan:
     """The run's plan; ResultsError in one line if it is missing or unreadable."""
     try:
         doc = json.loads(path(run_dir).read_text())
@@ -91,7 +92,8 @@ def differences(saved: Plan, new: Plan) -> list[str]:
         found |= {opt for field_name, opt in DECIDING.items() if old.get(field_name) != cur.get(field_name)}
         found |= {OPTION_OF.get(f, f"{f} (the suite file)") for f in set(old["config"]) | set(cur["config"])
                   if f not in FREE and old["config"].get(f) != cur["config"].get(f)}
-        if bool(old.get("skipped")) != bool(cur.get("skipped")):
+        if bool(old.get("skipped")) != bool(cur.get("skipped")) or \
+                bool(old["config"].get("weights")) != bool(cur["config"].get("weights")):
             found.add("--weights")
     found |= {"--weights (another file)" if k == "weights" else f"--data-dir (other {k} data)"
               for k in set(saved.inputs) & set(new.inputs) if saved.inputs[k] != new.inputs[k]}

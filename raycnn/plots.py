@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from raycnn.files import atomic
+from raycnn import storage
 from raycnn.results import EPOCH_COLUMNS, load_run, require
 from raycnn.tables import DIFF_STYLES, SUMMARY_COLUMNS, fold_repeats
 
@@ -304,16 +304,16 @@ def _sections_legend(fig, s: pd.DataFrame) -> None:
 
 # ---------------------------------------------------------------- raycnn plot
 
-def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> list[storage.Place]:
     """Draw one PNG per report table (`TableFigure`: test accuracy per epoch, a panel per row, a
     line per column; bars where there are no curves), means over repeats. Writes to out_dir
     (default RUN_DIR/plots), named after the table; tables without any number of ours are left
     out. Returns the written paths in table order."""
     trials, epochs = load_run(run_dir)
-    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    out_dir = storage.resolve(out_dir) if out_dir is not None else storage.resolve(run_dir) / "plots"
     found = table_figures(trials, epochs)
     written = []
     for item, slug in zip(found, slugs([f.title for f in found])):
         fig = item.draw()
-        written.append(atomic(out_dir / f"{slug}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100)))
+        written.append((out_dir / f"{slug}.png").write(lambda f: fig.savefig(f, format="png", dpi=100)))
     return written

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from raycnn.errors import UserError
+from raycnn.storage import Place
 
 
 @contextmanager
@@ -32,6 +36,31 @@ def output_to(path: Path):
                 os.close(saved[fd])
             sys.stdout, sys.stderr = py_out, py_err
             terminal.close()
+
+
+@contextmanager
+def output_to_place(place: Place):
+    """`output_to` a file in the run folder. An object in a bucket cannot be appended to, so there
+    Ray's output goes to a local file first, which replaces the object when the block ends (a
+    resumed run's log starts with the one it had)."""
+    if place.local:
+        with output_to(place.local):
+            yield
+        return
+    with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
+        local = Path(tmp) / place.name
+        try:
+            local.write_bytes(place.read_bytes())
+        except OSError:             # none yet (or unreadable: the new one replaces it)
+            pass
+        try:
+            with output_to(local):
+                yield
+        finally:
+            try:
+                place.write_bytes(local.read_bytes())
+            except UserError:       # the log is a courtesy: losing it must not hide the run's own error
+                pass
 
 
 def _as_sigint(*_) -> None:

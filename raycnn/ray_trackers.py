@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from pathlib import Path
 
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.utils import flatten_dict
+
+from raycnn.storage import Place
 
 # The default local store, inside the run folder: an SQLite file (MLflow 3 refuses new
 # file-based stores); `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db` shows it.
@@ -102,18 +103,19 @@ class MLflow(MLflowLoggerCallback):
             self.mlflow_util.end_run(run_id=self._trial_runs.pop(trial), status="FAILED" if failed else "FINISHED")
 
 
-def mlflow_uri(run_dir: Path, uri: str | None) -> str:
-    """The tracking URI: the one given, else a local store, RUN/mlflow.db."""
-    return uri or f"sqlite:///{Path(run_dir).resolve() / MLFLOW_DB}"
+def mlflow_uri(run_dir: Place, uri: str | None) -> str:
+    """The tracking URI: the one given, else a local store, RUN/mlflow.db (the CLI asks for a
+    URI where the run folder is in a bucket: SQLite needs a local file)."""
+    return uri or f"sqlite:///{run_dir.local / MLFLOW_DB}"
 
 
 # --log NAME -> the callback for a run folder and the URI given after "=" (None if none).
 BUILDERS = {
     "tensorboard": lambda run_dir, uri: TensorBoard(),
-    "mlflow": lambda run_dir, uri: MLflow(tracking_uri=mlflow_uri(run_dir, uri), experiment_name=Path(run_dir).name),
+    "mlflow": lambda run_dir, uri: MLflow(tracking_uri=mlflow_uri(run_dir, uri), experiment_name=run_dir.name),
 }
 
 
-def callbacks(log: tuple, run_dir: Path) -> list:
+def callbacks(log: tuple, run_dir: Place) -> list:
     """The Tune callbacks for `--log` values, each (name, uri or None); [] for none."""
     return [BUILDERS[name](run_dir, uri) for name, uri in log]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from raycnn import plots, results, suites, tables
+from raycnn import plots, results, storage, suites, tables
 from raycnn.files import atomic
 from raycnn.plots import folded_frame
 
@@ -154,7 +154,7 @@ def _gap(row, grid: dict[str, suites.Trial]) -> str:
 def collect(run_dirs: list[str]) -> Report:
     """The runs laid together (later run wins, repeats of one config pool: `tables.combine`),
     the bundled grid's cells they miss added as "not run" rows, and the reasons."""
-    loaded = [(Path(d).resolve().name, *results.load_run(d)) for d in run_dirs]
+    loaded = [(storage.resolve(d).name, *results.load_run(d)) for d in run_dirs]
     trials = pd.DataFrame(tables.combine([(name, t) for name, t, _ in loaded]))
     grid = _grid()
     if "budget" not in trials.columns:

@@ -1,6 +1,7 @@
 """A run folder's results on disk: `trials.parquet` (one row per trial and repeat) and
 `epochs.parquet` (one row per trial, repeat and epoch), written by `write_run` and read back by
-`load_run`; `write_parquet` is the one Parquet writer (atomic and durable, `raycnn.files`).
+`load_run`; `write_parquet` is the one Parquet writer (atomic and durable, `raycnn.storage`).
+A run folder is a local path or a URI (`s3://...`: `raycnn.storage`).
 Tables over the rows are in `raycnn.tables`, learning curves in `raycnn.plots`. Ray-free and
 torch-free, so results can be inspected without a cluster.
 
@@ -18,8 +19,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raycnn import storage
 from raycnn.errors import ResultsError
-from raycnn.files import atomic
+from raycnn.storage import Place
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
@@ -29,7 +31,7 @@ EPOCH_COLUMNS = ("name", "repeat", "epoch", "train_acc", "test_acc", "train_loss
 WRITE_ID = b"raycnn.write_id"     # Parquet schema metadata: which write_run made the file
 
 
-def write_parquet(rows, path: str | Path, metadata: dict[bytes, bytes] | None = None) -> Path:
+def write_parquet(rows, path: str | Path | Place, metadata: dict[bytes, bytes] | None = None) -> Place:
     """Write rows (dicts or a pandas DataFrame) to `path` atomically and durably, creating its
     folder. Tuple and list cells become Parquet list columns; the readers turn them back into
     lists. `metadata` goes into the file's schema metadata.
@@ -39,35 +41,36 @@ def write_parquet(rows, path: str | Path, metadata: dict[bytes, bytes] | None = 
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    return atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
+    return storage.resolve(path).write(lambda f: pq.write_table(table, f))
 
 
-def write_run(run_dir: str | Path, trial_rows: list[dict], epoch_rows: list[dict]) -> None:
+def write_run(run_dir: str | Path | Place, trial_rows: list[dict], epoch_rows: list[dict]) -> None:
     """Write a run's trials.parquet and epochs.parquet as one write (see the module's doc)."""
     stamp = {WRITE_ID: uuid.uuid4().hex.encode()}
-    write_parquet(epoch_rows, Path(run_dir) / EPOCHS_FILE, stamp)
-    write_parquet(trial_rows, Path(run_dir) / TRIALS_FILE, stamp)
+    run_dir = storage.resolve(run_dir)
+    write_parquet(epoch_rows, run_dir / EPOCHS_FILE, stamp)
+    write_parquet(trial_rows, run_dir / TRIALS_FILE, stamp)
 
 
-def _table(path: Path) -> tuple[pa.Table, bytes | None]:
+def _table(path: Place) -> tuple[pa.Table, bytes | None]:
     """A Parquet file and its write id (None in files written otherwise)."""
     try:
         # ParquetFile, not read_table: read_table goes through pyarrow.dataset, which imports pandas
-        table = pq.ParquetFile(path).read()
+        table = pq.ParquetFile(path.path, filesystem=path.fs).read()
     except Exception as e:  # pyarrow raises several unrelated types for a bad file
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise ResultsError(f"cannot read {path}: {first}") from None
     return table, (table.schema.metadata or {}).get(WRITE_ID)
 
 
-def _paths(run_dir: Path) -> tuple[Path, Path]:
-    trials_path = Path(run_dir) / TRIALS_FILE
+def _paths(run_dir: Place) -> tuple[Place, Place]:
+    trials_path = run_dir / TRIALS_FILE
     if not trials_path.is_file():
         raise ResultsError(f"no results: {trials_path} does not exist")
-    return trials_path, Path(run_dir) / EPOCHS_FILE
+    return trials_path, run_dir / EPOCHS_FILE
 
 
-def _tables(run_dir: Path) -> tuple[pa.Table, pa.Table | None]:
+def _tables(run_dir: Place) -> tuple[pa.Table, pa.Table | None]:
     """A run's two tables, checked to come from one write; None for a missing epochs file."""
     trials_path, epochs_path = _paths(run_dir)
     trials, trials_id = _table(trials_path)
@@ -80,10 +83,10 @@ def _tables(run_dir: Path) -> tuple[pa.Table, pa.Table | None]:
     return trials, epochs
 
 
-def read_rows(run_dir: str | Path, epochs: bool = False) -> tuple[list[dict], list[dict]]:
+def read_rows(run_dir: str | Path | Place, epochs: bool = False) -> tuple[list[dict], list[dict]]:
     """(trials, epochs) of a run folder as lists of dicts, without pandas (the command line's
     tables); epochs only when asked for. ResultsError when trials.parquet is missing or unreadable."""
-    trials, epoch_table = _tables(Path(run_dir))
+    trials, epoch_table = _tables(storage.resolve(run_dir))
     return trials.to_pylist(), (epoch_table.to_pylist() if epochs and epoch_table is not None else [])
 
 
@@ -98,11 +101,11 @@ def _frame(table: pa.Table):
     return df
 
 
-def load_run(run_dir: str | Path):
+def load_run(run_dir: str | Path | Place):
     """(trials, epochs) of a run folder as pandas frames; no epochs file gives an empty epochs
     frame. ResultsError when trials.parquet is missing or unreadable."""
     import pandas as pd
-    trials, epochs = _tables(Path(run_dir))
+    trials, epochs = _tables(storage.resolve(run_dir))
     return _frame(trials), (_frame(epochs) if epochs is not None else pd.DataFrame(columns=list(EPOCH_COLUMNS)))
 
 

@@ -21,6 +21,7 @@ from raycnn.config import TrainConfig
 from raycnn.epoch_progress import ProgressFile
 from raycnn.experiment import trial_folder
 from raycnn.provenance import provenance
+from raycnn.storage import Place
 from raycnn.trainer import fit
 
 
@@ -29,9 +30,10 @@ def data_key(config: TrainConfig) -> str:
     return f"{config.dataset_name}{'-synthetic' if config.synthetic else ''}"
 
 
-def weights_key(path: str) -> str:
-    """The key of a --weights file's bytes among the shipped objects."""
-    return f"weights:{path}"
+# The key of the --weights file's bytes among the shipped objects. Not its path: a resumed run
+# may find the same file elsewhere (the plan holds its sha256), and a trial restored by Tune
+# still carries the path the run started with.
+WEIGHTS_KEY = "weights"
 
 
 def _stamp() -> dict:
@@ -42,7 +44,7 @@ def _stamp() -> dict:
             "resources": ctx.get_assigned_resources(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()], **provenance()}
 
 
-def trainable(param: dict, progress_dir: str, **shipped) -> None:
+def trainable(param: dict, progress_dir: Place, **shipped) -> None:
     """One trial: fit its plan entry's config, reporting each epoch with its checkpoint to Tune,
     and its progress inside each epoch to a file in `progress_dir` (for the live view)."""
     entry = param["trial"]
@@ -53,7 +55,7 @@ def trainable(param: dict, progress_dir: str, **shipped) -> None:
     with tempfile.TemporaryDirectory(prefix="raycnn-") as tmp:
         if config.weights:     # the driver's file, as bytes: written here for the model to load
             local = Path(tmp) / "weights.pt"
-            local.write_bytes(shipped[weights_key(config.weights)])
+            local.write_bytes(shipped[WEIGHTS_KEY])
             config = TrainConfig.from_dict({**entry["config"], "weights": str(local)})
         resume = restored.to_directory(os.path.join(tmp, "resume")) if restored else None
 
@@ -63,7 +65,7 @@ def trainable(param: dict, progress_dir: str, **shipped) -> None:
                 metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
             tune.report(metrics | stamp, checkpoint=ckpt)
 
-        on_batch = ProgressFile(Path(progress_dir) / f"{trial_folder(entry)}.json", config.batch_size)
+        on_batch = ProgressFile(progress_dir / f"{trial_folder(entry)}.json", config.batch_size)
         on_batch.remove()     # a restarted trial's old file is not its progress
         try:
             fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays,

@@ -6,6 +6,9 @@ store once and are shared by the trials of a node. Each epoch reports its metric
 checkpoint, so a failed trial restarts from its last checkpoint (FailureConfig) and an
 interrupted run resumes (Tuner.restore) its saved plan (`raycnn.plan`). Rows are written by
 `raycnn.experiment` from the plan and Tune's folder. One driver per run folder (`raycnn.lock`).
+The run folder may be in a bucket (`raycnn.storage`): Tune then writes its checkpoints and state
+there through the same pyarrow filesystem (`storage_filesystem`), and on a cluster every node
+shows that it can reach the folder before any trial starts (`raycnn.cluster.probe`).
 
 The Ray modules are this one, `raycnn.trial`, `raycnn.cluster` and `raycnn.ray_trackers`;
 nothing else imports Ray.
@@ -23,7 +26,6 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import hashlib
 import logging
-import shutil
 import stat
 import time
 from contextlib import contextmanager
@@ -36,19 +38,19 @@ import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
 
-from raycnn import checkpoint, cluster, datafiles, epoch_progress, experiment, plan, process, ray_trackers
+from raycnn import checkpoint, cluster, datafiles, epoch_progress, experiment, lock, plan, process, ray_trackers, storage
 from raycnn.config import TrainConfig
 from raycnn.errors import NodeDied, RunError
 from raycnn.experiment import experiment_dir, summary, trial_folder, write_results
-from raycnn.lock import RunLock
+from raycnn.storage import Place
 from raycnn.suites import Trial
-from raycnn.trial import data_key, trainable, weights_key
+from raycnn.trial import WEIGHTS_KEY, data_key, trainable
 
 
 @dataclass
 class RunOptions:
-    """How to run (not what: that is the plan). Paths must be absolute."""
-    run_dir: Path
+    """How to run (not what: that is the plan)."""
+    run_dir: Place | Path | str         # a local folder or a URI (raycnn.storage)
     address: str | None = None          # None: a private local Ray instance
     cpus_per_trial: int | None = None   # None: the suite's
     gpus_per_trial: float | None = None # None: the suite's where the cluster has GPUs, else 0
@@ -95,10 +97,10 @@ def shipped(entries: list[dict]) -> tuple[dict[str, Any], dict[str, str]]:
             arrays = datafiles.load(replace(config, max_train_samples=0))
             objects[data_key(config)] = arrays
             digests[data_key(config)] = _digest(arrays.train_x, arrays.train_y, arrays.test_x, arrays.test_y)
-        if config.weights and weights_key(config.weights) not in objects:
-            objects[weights_key(config.weights)] = Path(config.weights).read_bytes()
+        if config.weights and WEIGHTS_KEY not in objects:
+            objects[WEIGHTS_KEY] = Path(config.weights).read_bytes()
             # by content, not path: a resumed run may find the same file elsewhere
-            digests["weights"] = _digest(objects[weights_key(config.weights)])
+            digests["weights"] = _digest(objects[WEIGHTS_KEY])
     return objects, digests
 
 
@@ -119,20 +121,22 @@ def _dirname(trial) -> str:
 
 
 def tuner(params: list[dict], opts: RunOptions, callbacks: list, objects: dict) -> tune.Tuner:
-    """A new Tuner for `params`, or the restored one of opts.run_dir when resuming."""
+    """A new Tuner for `params`, or the restored one of opts.run_dir when resuming. Tune reads
+    and writes the experiment through the run folder's own filesystem, a bucket's included."""
     # The progress folder is the running driver's (a resumed run folder may have moved).
-    fn = tune.with_resources(tune.with_parameters(trainable, progress_dir=str(epoch_progress.folder(opts.run_dir)),
+    fn = tune.with_resources(tune.with_parameters(trainable, progress_dir=epoch_progress.folder(opts.run_dir),
                                                   **objects), _resources)
     exp = experiment_dir(opts.run_dir)
-    if opts.resume:
-        return tune.Tuner.restore(str(exp), fn, resume_unfinished=True, resume_errored=True)
+    if opts.resume:    # where the folder is now: Tune moves its trials' paths there
+        return tune.Tuner.restore(exp.path, fn, resume_unfinished=True, resume_errored=True,
+                                  storage_filesystem=exp.fs)
     return tune.Tuner(
         fn,
         param_space={"trial": tune.grid_search(params)},
         tune_config=tune.TuneConfig(max_concurrent_trials=opts.max_concurrent, reuse_actors=True,
                                     trial_dirname_creator=_dirname),
         run_config=tune.RunConfig(
-            name=exp.name, storage_path=str(exp.parent), verbose=0, callbacks=callbacks,
+            name=exp.name, storage_path=exp.parent.path, storage_filesystem=exp.fs, verbose=0, callbacks=callbacks,
             failure_config=tune.FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
 
@@ -196,7 +200,7 @@ class ResultsCallback(tune.Callback):
         if "run_dir" not in ACTIVE:
             return
         try:
-            write_results(Path(ACTIVE["run_dir"]))
+            write_results(ACTIVE["run_dir"])
         except Exception as e:   # never let a results hiccup stop the experiment; the end rewrites
             logging.getLogger("raycnn").warning("could not write results yet: %s", e)
 
@@ -251,43 +255,47 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None, skipped: dict[s
     """Run `trials` (x repeats) under Tune into opts.run_dir, or resume the run there; the trials
     named in `skipped` are planned but not trained (their rows give the reason). Returns ok |
     errors | interrupted."""
-    with RunLock(opts.run_dir):       # first: a second driver must change nothing
+    opts = replace(opts, run_dir=storage.resolve(opts.run_dir))
+    run_dir = opts.run_dir
+    with lock.hold(run_dir):       # first: a second driver must change nothing
         new = plan.Plan(plan.entries(apply_resources(trials, opts), opts.repeats, skipped))
         todo = [e for e in new.entries if not e.get("skipped")]
         with phase(opts.timings, "read data"):
             objects, new.inputs = shipped(todo)     # before Ray starts: missing data fails fast
         if opts.resume:
-            _check_resumable(opts.run_dir, new)
+            _check_resumable(run_dir, new)
         else:
-            plan.write(opts.run_dir, new)
+            plan.write(run_dir, new)
         try:
-            with process.output_to(Path(opts.run_dir) / RAY_LOG):
+            with process.output_to_place(run_dir / RAY_LOG):
                 _drive(todo, opts, view, objects)
         except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
             if view is not None and hasattr(view, "warn"):
-                view.warn(f"{e}; Ray's log: {Path(opts.run_dir) / RAY_LOG}")
+                view.warn(f"{e}; Ray's log: {run_dir / RAY_LOG}")
         except RunError:          # a run that cannot start leaves nothing behind
             if not opts.resume:
-                for made in (Path(opts.run_dir) / RAY_LOG, plan.path(opts.run_dir)):
-                    made.unlink(missing_ok=True)
+                for made in (run_dir / RAY_LOG, plan.path(run_dir)):
+                    made.unlink()
             raise
         # No trial runs now; what a killed one left is not progress of anything.
-        shutil.rmtree(epoch_progress.folder(opts.run_dir), ignore_errors=True)
+        epoch_progress.folder(run_dir).rmtree()
         with phase(opts.timings, "write results"):
-            trial_rows, _ = write_results(opts.run_dir)
+            trial_rows, _ = write_results(run_dir)
     statuses = [r["status"] for r in trial_rows if not r["status"].startswith("skipped")]
     if len(statuses) < len(todo) or "running" in statuses:
         return "interrupted"
     return "errors" if "error" in statuses else "ok"
 
 
-def _check_resumable(run_dir: Path, new: plan.Plan) -> None:
+def _check_resumable(run_dir: Place, new: plan.Plan) -> None:
     """Refuse, in one line, a resume that would change the run's results, that would unpickle
     state others could have written, or that finds a checkpoint holding code; then cut any
     result.json line torn by the crash that stopped the run."""
     plan.check_resume(plan.read(run_dir), new)
     exp = experiment_dir(run_dir)
-    for folder in (Path(run_dir), exp.parent, exp):
+    # A bucket has no owner and mode to check: who may write there is the bucket policy's
+    # matter (docs/cluster.md, Security).
+    for folder in (run_dir.local, exp.parent.local, exp.local) if run_dir.local else ():
         info = folder.stat()
         if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise RunError(f"{folder} can be written by other users; Tune's state in it is pickled and would run "
@@ -303,10 +311,12 @@ def _drive(entries: list[dict], opts: RunOptions, view, objects: dict) -> None:
             saved = cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
         again()                   # ray.init installs a SIGTERM handler that aborts
         try:
+            if opts.address:      # a private instance is this machine only, which cli checked
+                cluster.probe(opts.run_dir)
             params = cluster.place(entries, cluster.shapes(), opts.gpus_per_trial)
             if view is not None:
                 view.start(params)
-            ACTIVE.update(run_dir=str(opts.run_dir), view=view, raylet=None if opts.address else _raylet())
+            ACTIVE.update(run_dir=opts.run_dir, view=view, raylet=None if opts.address else _raylet())
             try:
                 with phase(opts.timings, "tune"):
                     trackers = ray_trackers.callbacks(opts.log, opts.run_dir)

@@ -9,11 +9,16 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -177,3 +182,104 @@ def stop_marked(mark: str, grace: float = 10) -> None:
     assert not marked(mark)
 
 
+
+
+# ---------------------------------------------------------------- an S3 server on loopback
+
+@dataclass
+class S3:
+    """moto's S3 server on a loopback port: the environment a client needs (the standard AWS
+    variables, no file written) and an admin filesystem for the test's own set-up."""
+    env: dict
+    port: int
+
+    def admin(self):
+        import pyarrow.fs as pafs
+        return pafs.S3FileSystem(endpoint_override=self.env["AWS_ENDPOINT_URL"], access_key=self.env["AWS_ACCESS_KEY_ID"],
+                                 secret_key=self.env["AWS_SECRET_ACCESS_KEY"], region=self.env["AWS_DEFAULT_REGION"],
+                                 allow_bucket_creation=True)
+
+
+def s3_env(port: int, key: str = "testing", secret: str = "testing") -> dict:
+    return {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@contextmanager
+def s3_server(**server_env):
+    """moto's server mode as a subprocess on a free loopback port (a real S3 API over HTTP, no
+    in-process mocking), stopped by its pid."""
+    port = free_ports(1)[0]
+    proc = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **server_env})
+    try:
+        end = time.time() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < end, "moto's S3 server did not start"
+                time.sleep(0.2)
+        yield S3(s3_env(port), port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------- two Ray nodes on loopback
+
+@dataclass
+class Cluster:
+    address: str
+    temp: Path          # the head's --temp-dir: the driver's staging copies of result.json are there
+    mark: str           # NAME=VALUE in the environment of every process of this cluster
+
+
+@contextmanager
+def two_nodes(head_env: dict | None = None, worker_env: dict | None = None, worker_prefix: tuple = ()):
+    """A Ray head (1 CPU) and a second node (2 CPUs) on this machine, on loopback, started with
+    `ray start` (the second under `worker_prefix`, e.g. in its own mount namespace); yields the
+    Cluster. Their processes carry a unique environment variable, by which the teardown finds and
+    stops exactly them (and what they started)."""
+    temp = Path(tempfile.mkdtemp(prefix="rcc-", dir="/tmp"))
+    mark = f"RAYCNN_TEST_CLUSTER={uuid.uuid4().hex}"
+    env = {**os.environ, **BASE_ENV, mark.split("=")[0]: mark.split("=")[1]}
+    ray = str(Path(PY).with_name("ray"))
+    port, *agents = free_ports(3)
+    common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1", "--object-store-memory=300000000"]
+    try:
+        for prefix, extra, args in (
+                ((), head_env or {}, ["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}",
+                                      "--include-dashboard=false", f"--dashboard-agent-listen-port={agents[0]}"]),
+                (worker_prefix, worker_env or {}, [f"--address=127.0.0.1:{port}", "--num-cpus=2",
+                                                   f"--dashboard-agent-listen-port={agents[1]}"])):
+            out = subprocess.run([*prefix, ray, "start", *args, *common], capture_output=True, text=True,
+                                 env={**env, **extra}, timeout=300)
+            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        count = ("import ray, time\nray.init(address='127.0.0.1:%d', logging_level='ERROR', log_to_driver=False)\n"
+                 "end = time.time() + 120\n"
+                 "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() < end: time.sleep(1)\n"
+                 "print(sum(n['Alive'] for n in ray.nodes()))" % port)
+        nodes = subprocess.run([PY, "-c", count], capture_output=True, text=True, env=env, timeout=300)
+        assert nodes.stdout.strip().splitlines()[-1:] == ["2"], nodes.stdout + nodes.stderr[-2000:]
+        yield Cluster(f"127.0.0.1:{port}", temp, mark)
+    finally:
+        stop_marked(mark)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def raylet_of_second_node(mark: str) -> tuple[int, str]:
+    """(pid, node id) of the cluster's non-head raylet."""
+    for pid in marked(mark):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if argv[0].endswith("raylet/raylet") and not any("__internal_head__" in a for a in argv):
+            return pid, next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id="))
+    pytest.fail("no second raylet")

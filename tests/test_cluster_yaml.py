@@ -457,15 +457,21 @@ def test_the_heads_policy_is_what_rays_node_provider_needs(prepared):
 
 def test_the_docs_policies_grant_no_wildcards_and_no_s3_beyond_one_prefix():
     policies = docs_policies()
-    assert len(policies) == 3          # who may take the roles, the head's, the optional data read
+    assert len(policies) == 4          # who may take the roles, the head's, the results, the optional data read
     for policy in policies:
         for s in policy["Statement"]:
             for a in actions(s):
                 assert "*" not in a and "FullAccess" not in a, a
-    (data,) = [p for p in policies if any(a.startswith("s3:") for s in p["Statement"] for a in actions(s))]
+    on_s3 = [p for p in policies if any(a.startswith("s3:") for s in p["Statement"] for a in actions(s))]
+    (results,) = [p for p in on_s3 if any("s3:PutObject" in actions(s) for s in p["Statement"])]
+    (data,) = [p for p in on_s3 if p is not results]
     assert {a for s in data["Statement"] for a in actions(s)} == {"s3:ListBucket", "s3:GetObject"}
-    for s in data["Statement"]:
-        assert all(r.startswith("arn:aws:s3:::BUCKET") for r in resources(s)), s
+    assert {a for s in results["Statement"] for a in actions(s)} == {
+        "s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"}
+    for policy, prefix in ((data, "raycnn-data"), (results, "raycnn-results")):
+        for s in policy["Statement"]:
+            assert all(r in ("arn:aws:s3:::BUCKET", f"arn:aws:s3:::BUCKET/{prefix}/*") for r in resources(s)), s
+            assert "s3:ListBucket" not in actions(s) or s["Condition"]["StringLike"]["s3:prefix"] == [f"{prefix}/*"]
 
 
 # ---------------------------------------------------------------- one set of versions

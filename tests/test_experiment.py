@@ -9,7 +9,7 @@ from raycnn import experiment, plan
 
 def test_results_keep_the_lineage_that_went_on(tmp_path):
     """collect() on hand-made Tune folders: re-reported epochs, restarts and Tune's statuses."""
-    exp = experiment.experiment_dir(tmp_path)
+    exp = experiment.experiment_dir(tmp_path).local
     entries = []
 
     def trial(name: str, epochs: list[tuple[int, bool]], error: str = "", finished_at: int = 3) -> None:

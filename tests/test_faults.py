@@ -18,16 +18,14 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from raycnn import epoch_progress, results
-from support import (BASE_ENV, FAULT_SUITE, PY, Background, cli_env, epochs_of, free_ports, marked, raycnn,
-                     reported, stop_marked, wait_for)
+from support import (BASE_ENV, FAULT_SUITE, Background, cli_env, epochs_of, raycnn, raylet_of_second_node, reported,
+                     two_nodes, wait_for)
 
 
 
@@ -119,7 +117,7 @@ def test_killed_trial_restarts_from_its_checkpoint(tmp_path, ray_tmp):
         # on, so the kill waits for epoch 2 to be under way (its progress file, written every step
         # here): killed earlier, the trial would rightly restart from scratch.
         wait_for("epoch 2", lambda: any((epoch_progress.read(p) or {}).get("epoch") == 2
-                                        for p in epoch_progress.folder(res / "k").glob("*.json")),
+                                        for p in epoch_progress.folder(res / "k").files("*.json")),
                  timeout=300, proc=run, every=0.02)
         os.kill(pid, signal.SIGKILL)             # the trial's worker, while it trains epoch 2
         rc, _, err = run.wait()
@@ -140,40 +138,11 @@ def test_killed_trial_restarts_from_its_checkpoint(tmp_path, ray_tmp):
 
 # ---------------------------------------------------------------- several nodes
 
-@dataclass
-class Cluster:
-    address: str
-    temp: Path          # the head's --temp-dir: the driver's staging copies of result.json are there
-    mark: str           # NAME=VALUE in the environment of every process of this cluster
-
-
 @pytest.fixture
-def cluster(tmp_path):
-    """A Ray head (1 CPU) and a second node (2 CPUs) on this machine, on loopback, started with
-    `ray start`; yields the head's address. Their processes carry a unique environment
-    variable, by which the teardown finds and stops exactly them (and what they started)."""
-    temp = Path(tempfile.mkdtemp(prefix="rcc-", dir="/tmp"))
-    mark = f"RAYCNN_TEST_CLUSTER={uuid.uuid4().hex}"
-    env = {**os.environ, **BASE_ENV, mark.split("=")[0]: mark.split("=")[1]}
-    ray = str(Path(PY).with_name("ray"))
-    port, *agents = free_ports(3)
-    common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1", "--object-store-memory=300000000"]
-    try:
-        for args in (["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}", "--include-dashboard=false",
-                      f"--dashboard-agent-listen-port={agents[0]}"],
-                     [f"--address=127.0.0.1:{port}", "--num-cpus=2", f"--dashboard-agent-listen-port={agents[1]}"]):
-            out = subprocess.run([ray, "start", *args, *common], capture_output=True, text=True, env=env, timeout=300)
-            assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-        count = ("import ray, time\nray.init(address='127.0.0.1:%d', logging_level='ERROR', log_to_driver=False)\n"
-                 "end = time.time() + 120\n"
-                 "while sum(n['Alive'] for n in ray.nodes()) < 2 and time.time() < end: time.sleep(1)\n"
-                 "print(sum(n['Alive'] for n in ray.nodes()))" % port)
-        nodes = subprocess.run([PY, "-c", count], capture_output=True, text=True, env=env, timeout=300)
-        assert nodes.stdout.strip().splitlines()[-1:] == ["2"], nodes.stdout + nodes.stderr[-2000:]
-        yield Cluster(f"127.0.0.1:{port}", temp, mark)
-    finally:
-        stop_marked(mark)
-        shutil.rmtree(temp, ignore_errors=True)
+def cluster():
+    """Two Ray nodes on this machine (tests/support.py's `two_nodes`)."""
+    with two_nodes() as c:
+        yield c
 
 
 @pytest.mark.slow
@@ -192,18 +161,6 @@ def test_trials_spread_over_two_nodes(tmp_path, cluster):
     assert set(epochs.node) == set(trials.node) and len(epochs) == 6
     for folder in (res / "multi" / "tune" / "experiment").glob("0*"):
         assert list(folder.glob("checkpoint_*/state.pt")), folder   # checkpoints from both nodes, here
-
-
-def raylet_of_second_node(mark: str) -> tuple[int, str]:
-    """(pid, node id) of the cluster's non-head raylet."""
-    for pid in marked(mark):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if argv[0].endswith("raylet/raylet") and not any("__internal_head__" in a for a in argv):
-            return pid, next(a.split("=", 1)[1] for a in argv if a.startswith("--node_id="))
-    pytest.fail("no second raylet")
 
 
 @pytest.mark.slow

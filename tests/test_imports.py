@@ -16,7 +16,7 @@ RAY_MODULES = {"raycnn.tune", "raycnn.trial", "raycnn.cluster", "raycnn.ray_trac
 # What `raycnn list/table/compare/report/plot` and `--help` import: none of them may bring torch.
 READING = ["raycnn.cli", "raycnn.config", "raycnn.suites", "raycnn.results", "raycnn.tables", "raycnn.report",
            "raycnn.plots", "raycnn.screen", "raycnn.experiment", "raycnn.plan", "raycnn.outcome", "raycnn.errors",
-           "raycnn.files", "raycnn.lock", "raycnn.provenance", "raycnn.datafiles", "raycnn.epoch_progress"]
+           "raycnn.files", "raycnn.storage", "raycnn.lock", "raycnn.provenance", "raycnn.datafiles", "raycnn.epoch_progress"]
 
 
 def _imported(modules: list[str], prefix: str) -> list[str]:

@@ -45,8 +45,18 @@ def test_where_things_are_may_change():
     assert plan.differences(saved, _plan(data_dir="/elsewhere", checkpoint_every=5)) == []
 
 
+def test_a_weights_file_is_known_by_its_content_not_its_path():
+    """A run folder that travels finds its --weights file elsewhere: the same bytes may resume,
+    other bytes or none may not."""
+    saved = _plan(weights="/cluster/w.pt", inputs={"cifar10": "abc", "weights": "w1"})
+    assert plan.differences(saved, _plan(weights="/laptop/w.pt", inputs={"cifar10": "abc", "weights": "w1"})) == []
+    assert plan.differences(saved, _plan(weights="/laptop/w.pt", inputs={"cifar10": "abc", "weights": "w2"})) == \
+        ["--weights (another file)"]
+    assert plan.differences(saved, _plan(inputs={"cifar10": "abc"})) == ["--weights"]
+
+
 def test_a_torn_result_line_is_cut_so_the_next_report_survives(tmp_path):
-    folder = experiment.experiment_dir(tmp_path) / "000-t-r0"
+    folder = experiment.experiment_dir(tmp_path).local / "000-t-r0"
     folder.mkdir(parents=True)
     lines = [json.dumps({"epoch": e, "test_acc": e / 10}) for e in (1, 2, 3)]
     torn = "\n".join(lines[:2]) + "\n" + lines[2][:len(lines[2]) // 2]      # a crash halfway through epoch 3's line

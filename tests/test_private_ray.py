@@ -54,7 +54,7 @@ def private_run(tmp_path, ray_tmp):
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
-        while not list(epoch_progress.folder(run_dir).glob("*.json")):
+        while not epoch_progress.folder(run_dir).files("*.json"):
             assert proc.poll() is None, (tmp_path / "out").read_text()
             assert time.monotonic() < deadline, "no trial started within 240 s"
             time.sleep(0.5)

@@ -43,13 +43,13 @@ def test_a_copy_without_git_records_the_real_revision(tmp_path):
 
 
 def test_weights_are_read_by_the_driver_and_shipped(tmp_path):
-    from raycnn.trial import weights_key
+    from raycnn.trial import WEIGHTS_KEY
     from raycnn.tune import shipped
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"state dict bytes")
     params = [{"config": {"model": "mnist_base", "synthetic": True, "weights": str(weights)}}]
     objects, digests = shipped(params)
-    assert objects[weights_key(str(weights))] == b"state dict bytes"
-    assert set(objects) == {"mnist-synthetic", weights_key(str(weights))}
+    assert objects[WEIGHTS_KEY] == b"state dict bytes"
+    assert set(objects) == {"mnist-synthetic", WEIGHTS_KEY}     # by no path: a resume may find the file elsewhere
     # the plan keeps the inputs by content, so a resume can tell another file at the same path
     assert digests["weights"] == hashlib.sha256(b"state dict bytes").hexdigest() and set(digests) == {"mnist-synthetic", "weights"}

@@ -209,8 +209,8 @@ def test_plot(run_dir, tmp_path):
     assert [p.name for p in paths] == ["3-1-mnist-lr-0-01.png", "4-2-data-augmentation.png", "5-1-without-finetuning.png"]
     assert sorted(os.listdir(run_dir / "plots")) == sorted(p.name for p in paths)  # no temp files
     for p in paths:
-        assert p.parent == run_dir / "plots" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert p.stat().st_size > 5000
+        assert p.local.parent == run_dir / "plots" and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert p.local.stat().st_size > 5000
     # The figures the report page shows too: a panel per row, a line per column; no epoch rows, bars.
     drawn = {f.title: f for f in plots.table_figures(*results.load_run(run_dir))}
     assert drawn[MNIST].kinds == {"Base Model": "lines", "3 Dropout": "lines"}
@@ -219,4 +219,4 @@ def test_plot(run_dir, tmp_path):
     assert base.loc[2, "test_acc"] == pytest.approx(0.976 + 0.01)  # mean over the 3 repeats
     assert base.loc[1, "train_loss"] == pytest.approx(2.0)
     other = plots.plot(run_dir, tmp_path / "elsewhere")
-    assert [p.parent for p in other] == [tmp_path / "elsewhere"] * 3
+    assert [p.local.parent for p in other] == [tmp_path / "elsewhere"] * 3
