@@ -23,6 +23,7 @@ from raycnn.files import atomic
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+RUN_FILES = (TRIALS_FILE, EPOCHS_FILE)
 EPOCH_COLUMNS = ("name", "repeat", "epoch", "train_acc", "test_acc", "train_loss", "test_loss")
 
 
@@ -42,11 +43,13 @@ def write_parquet(rows, path: str | Path, metadata: dict[bytes, bytes] | None = 
     return atomic(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
-def write_run(run_dir: str | Path, trial_rows: list[dict], epoch_rows: list[dict]) -> None:
-    """Write a run's trials.parquet and epochs.parquet as one write (see the module's doc)."""
+def write_run(run_dir: str | Path, trial_rows: list[dict], epoch_rows: list[dict], files: tuple[str, str] = RUN_FILES
+              ) -> None:
+    """Write a run's trials.parquet and epochs.parquet as one write (see the module's doc);
+    `files` names another pair of the same shape (a search's samples and their epochs)."""
     stamp = {WRITE_ID: uuid.uuid4().hex.encode()}
-    write_parquet(epoch_rows, Path(run_dir) / EPOCHS_FILE, stamp)
-    write_parquet(trial_rows, Path(run_dir) / TRIALS_FILE, stamp)
+    write_parquet(epoch_rows, Path(run_dir) / files[1], stamp)
+    write_parquet(trial_rows, Path(run_dir) / files[0], stamp)
 
 
 def _table(path: Path) -> tuple[pa.Table, bytes | None]:
@@ -60,16 +63,16 @@ def _table(path: Path) -> tuple[pa.Table, bytes | None]:
     return table, (table.schema.metadata or {}).get(WRITE_ID)
 
 
-def _paths(run_dir: Path) -> tuple[Path, Path]:
-    trials_path = Path(run_dir) / TRIALS_FILE
+def _paths(run_dir: Path, files: tuple[str, str]) -> tuple[Path, Path]:
+    trials_path = Path(run_dir) / files[0]
     if not trials_path.is_file():
         raise ResultsError(f"no results: {trials_path} does not exist")
-    return trials_path, Path(run_dir) / EPOCHS_FILE
+    return trials_path, Path(run_dir) / files[1]
 
 
-def _tables(run_dir: Path) -> tuple[pa.Table, pa.Table | None]:
+def _tables(run_dir: Path, files: tuple[str, str] = RUN_FILES) -> tuple[pa.Table, pa.Table | None]:
     """A run's two tables, checked to come from one write; None for a missing epochs file."""
-    trials_path, epochs_path = _paths(run_dir)
+    trials_path, epochs_path = _paths(run_dir, files)
     trials, trials_id = _table(trials_path)
     if not epochs_path.is_file():
         return trials, None
@@ -80,10 +83,12 @@ def _tables(run_dir: Path) -> tuple[pa.Table, pa.Table | None]:
     return trials, epochs
 
 
-def read_rows(run_dir: str | Path, epochs: bool = False) -> tuple[list[dict], list[dict]]:
-    """(trials, epochs) of a run folder as lists of dicts, without pandas (the command line's
-    tables); epochs only when asked for. ResultsError when trials.parquet is missing or unreadable."""
-    trials, epoch_table = _tables(Path(run_dir))
+def read_rows(run_dir: str | Path, epochs: bool = False, files: tuple[str, str] = RUN_FILES
+              ) -> tuple[list[dict], list[dict]]:
+    """(trials, epochs) of a run folder (or the pair `files` names) as lists of dicts, without
+    pandas (the command line's tables); epochs only when asked for. ResultsError when
+    trials.parquet is missing or unreadable."""
+    trials, epoch_table = _tables(Path(run_dir), files)
     return trials.to_pylist(), (epoch_table.to_pylist() if epochs and epoch_table is not None else [])
 
 
@@ -98,11 +103,11 @@ def _frame(table: pa.Table):
     return df
 
 
-def load_run(run_dir: str | Path):
-    """(trials, epochs) of a run folder as pandas frames; no epochs file gives an empty epochs
-    frame. ResultsError when trials.parquet is missing or unreadable."""
+def load_run(run_dir: str | Path, files: tuple[str, str] = RUN_FILES):
+    """(trials, epochs) of a run folder (or the pair `files` names) as pandas frames; no epochs
+    file gives an empty epochs frame. ResultsError when trials.parquet is missing or unreadable."""
     import pandas as pd
-    trials, epochs = _tables(Path(run_dir))
+    trials, epochs = _tables(Path(run_dir), files)
     return _frame(trials), (_frame(epochs) if epochs is not None else pd.DataFrame(columns=list(EPOCH_COLUMNS)))
 
 

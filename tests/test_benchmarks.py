@@ -138,3 +138,23 @@ def test_layout_both_formats_alternating(tmp_path):
         v = g.set_index("layout")
         assert v.loc["channels_last", "ratio"] == pytest.approx(v.loc["nchw", "ms_per_step"] / v.loc["channels_last", "ms_per_step"])
     assert "NCHW / channels_last" in out.stdout
+
+
+def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
+    """benchmarks/search_cost.py at a tiny size (the tiny search suite, MNIST-format random files)."""
+    from conftest import search_files
+    suite, data = search_files(tmp_path)
+    out = script("search_cost.py", "tiny/sgd", "--suite", suite, "--data-dir", data, "--samples", "4",
+                 "--repeats", "1", "--num-cpus", "2", "--max-concurrent", "2", "--work", tmp_path / "work",
+                 "--out", tmp_path / "speed", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "speed" / "search-cost.parquet").set_index("path")
+    assert list(df.index) == ["asha", "grid"] and (df["samples"] == 4).all() and (df["seeds"] == 1).all()
+    assert df.loc["grid", "sample_epochs"] == 4 * 4                       # every sample to its last epoch
+    assert df.loc["asha", "sample_epochs"] <= df.loc["grid", "sample_epochs"]
+    assert (df["rerun_epochs"] == 4).all() and df["rerun_acc_mean"].between(0, 1).all() and (df["wall_s"] > 0).all()
+    asha = pd.read_parquet(tmp_path / "work" / "asha" / "samples.parquet")
+    grid = pd.read_parquet(tmp_path / "work" / "grid" / "trials.parquet")
+    assert sorted(asha["lr"]) == sorted(grid["lr"])                          # the same samples, trained in full
+    ratio = df.loc["grid", "sample_epochs"] / df.loc["asha", "sample_epochs"]
+    assert df["epochs_ratio"].iloc[0] == pytest.approx(ratio) and f"{ratio:.2f}x the epochs" in out.stdout
