@@ -378,6 +378,7 @@ def run_search(doc: dict, trials: dict[str, Trial], opts: RunOptions, view=None)
                 for cell in [c for c in doc["cells"] if not c.get("best")]:
                     if not _search_cell(doc, cell, opts, view, objects):
                         return outcome
+                _settle(opts)
                 rerun = replace(opts, repeats=doc["settings"]["repeats"], resume=plan.path(opts.run_dir).exists())
                 todo, rerun_objects = _prepare(search.rerun_trials(doc, trials), rerun)
                 if todo:          # no cell found a config: nothing to re-run
@@ -389,6 +390,17 @@ def run_search(doc: dict, trials: dict[str, Trial], opts: RunOptions, view=None)
             search.write_samples(opts.run_dir)
             shutil.rmtree(epoch_progress.folder(opts.run_dir), ignore_errors=True)
         return outcome
+
+
+def _settle(opts: RunOptions, limit_s: float = 120.0) -> None:
+    """On a private Ray, wait (at most limit_s) until the samples' workers have given their CPUs
+    back: they exit after their Tuner ends, and a busy machine can take a while, during which
+    the re-run's trials would wait for resources."""
+    end = time.monotonic() + limit_s
+    while opts.address is None and time.monotonic() < end:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.5)
 
 
 def _search_plan(doc: dict, opts: RunOptions) -> dict:

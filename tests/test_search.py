@@ -20,7 +20,7 @@ from raycnn import cli, datafiles, search, space, suites, trainer
 from raycnn.config import TrainConfig
 from raycnn.errors import ConfigError, SuiteError
 from raycnn.live import LiveView
-from support import Background, cli_env, raycnn, wait_for
+from support import Background, cli_env, raycnn, reported, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,12 +234,11 @@ def test_resume_after_ctrl_c_loses_no_sample(tmp_path):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     args = ("search", "tiny/*", "--suite", suite, "--data-dir", data, "--samples", "4", "--budget", "100",
             "--results-dir", tmp_path / "runs", "--name", "s", "--num-cpus", "2", "--max-concurrent", "1")
-    exp = tmp_path / "runs" / "s" / "tune" / "search-tiny-sgd"
     try:
         first = Background(*args, env=cli_env(ray_tmp), logs=tmp_path / "first")
         try:
-            def two_reported():
-                return len([p for p in exp.glob("sample-*/result.json") if p.read_text().strip()]) >= 2
+            def two_reported():       # the driver's own copy: the run folder's is synced now and then
+                return len([t for t, lines in reported(ray_tmp).items() if t.startswith("sample-") and lines]) >= 2
             wait_for("two samples reporting", two_reported, timeout=900, proc=first)
             first.proc.send_signal(signal.SIGINT)
             rc, _, err = first.wait(timeout=300)
