@@ -95,12 +95,13 @@ def _reports(path: Path) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def repair(run_dir: Path) -> list[str]:
+def repair(run_dir: Path, exp: Path | None = None) -> list[str]:
     """Cut the torn last line off every result.json of the run (a crash mid-write leaves one;
-    Tune would append the next report to it and both would be lost). Returns the trial folders
+    Tune would append the next report to it and both would be lost); `exp`: another experiment
+    folder of the run (a search's cell) than its plan's. Returns the trial folders
     whose line was cut: that epoch's row is a gap unless the trial trains it again."""
     cut = []
-    for path in sorted(experiment_dir(run_dir).glob("*/result.json")):
+    for path in sorted((exp or experiment_dir(run_dir)).glob("*/result.json")):
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
             path.write_bytes(data[:data.rfind(b"\n") + 1])

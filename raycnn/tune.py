@@ -313,16 +313,13 @@ def _check_resumable(run_dir: Path, new: plan.Plan | None, exp: Path | None = No
             raise RunError(f"{folder} can be written by other users; Tune's state in it is pickled and would run "
                            f"their code on --resume: make it yours and `chmod go-w` it first")
     checkpoint.check_all(exp)
-    experiment.repair(run_dir)
+    experiment.repair(run_dir, exp)
 
 
 @contextmanager
 def _ray(opts: RunOptions):
     """Connected to Ray for the block (a search's cells and its re-run share one connection);
     Ray is shut down whatever happens."""
-    if ray.is_initialized():
-        yield
-        return
     with process.sigterm_as_sigint() as again:
         with phase(opts.timings, "ray start-up"):
             saved = cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)

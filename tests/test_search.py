@@ -18,7 +18,7 @@ from rich.console import Console
 from conftest import SEARCH_BUDGET, search_files
 from raycnn import cli, datafiles, search, space, suites, trainer
 from raycnn.config import TrainConfig
-from raycnn.errors import ConfigError, SuiteError
+from raycnn.errors import ConfigError
 from raycnn.live import LiveView
 from support import Background, cli_env, raycnn, reported, wait_for
 
@@ -222,7 +222,7 @@ def test_table_shows_the_search_view(done, capsys):
     out = capsys.readouterr().out
     assert "| cell | report | grid (ours) | tuned (re-run) | best config | epochs spent |" in out
     lr = doc["cells"][0]["best"]["values"]["lr"]
-    assert f"| tiny/sgd | 90 | — |" in out and f"lr={lr:.3g}" in out and f"| {SEARCH_BUDGET} + 8 |" in out
+    assert "| tiny/sgd | 90 | — |" in out and f"lr={lr:.3g}" in out and f"| {SEARCH_BUDGET} + 8 |" in out
     assert cli.main(["table", str(run), "--format", "csv"]) == 0
     view = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
     assert view.loc[0, "tuned_n"] == 2 and view.loc[0, "samples"] == len(samples)
