@@ -1,4 +1,4 @@
-"""The `raycnn` command: list suites, run them under Ray Tune, print and compare tables, draw plots.
+"""The `raycnn` command: list suites, run or search them under Ray Tune, print and compare tables, draw plots.
 
 Every user error (`raycnn.errors.UserError`) ends in one line on stderr and its exit code (2 for
 bad input). The reading commands (list, table, compare, report, plot) import neither torch nor

@@ -20,7 +20,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
-from raycnn import experiment, results, space
+from raycnn import experiment, plan, results, space
 from raycnn.config import TrainConfig
 from raycnn.errors import ResultsError, RunError
 from raycnn.files import atomic_text
@@ -52,7 +52,6 @@ def plan_doc(trials: list, searches: dict, args: dict, searcher: str) -> dict:
     """The search plan (search.json) for `trials` (raycnn.suites.Trial, with resources
     applied), each searched over its suite's space (`searches`: suite name -> raycnn.space.Search);
     `args` the command line's settings, None where not given (then the space's own)."""
-    from raycnn import plan
     first = searches[trials[0].suite].settings
     settings = {"metric": args["metric"], "seed": args["seed"], "searcher": searcher,
                 "repeats": args["repeats"] or first["repeats"]}
@@ -78,10 +77,12 @@ def cell_plan(trial, entry: dict, search: space.Search, args: dict) -> dict:
 
 
 def path(run_dir: str | Path) -> Path:
+    """Where a search keeps its plan."""
     return Path(run_dir) / SEARCH_FILE
 
 
 def write(run_dir: str | Path, doc: dict) -> None:
+    """Write the search's plan (JSON: reading a run folder never runs code)."""
     atomic_text(path(run_dir), json.dumps(doc, indent=1) + "\n")
 
 
@@ -97,6 +98,7 @@ def read(run_dir: str | Path) -> dict:
 
 
 def is_search(run_dir: str | Path) -> bool:
+    """Whether a run folder is a search's (it has a search plan)."""
     return path(run_dir).is_file()
 
 
@@ -134,6 +136,8 @@ def stops(exp: Path) -> dict:
 
 
 def record_stop(exp: Path, folder: str, epoch: int) -> None:
+    """Note that ASHA stopped the sample in `folder` at `epoch` (the driver's own file, read by
+    `sample_rows`: Tune keeps no such record)."""
     atomic_text(exp / STOPS_FILE, json.dumps(stops(exp) | {folder: epoch}) + "\n", durable=False)
 
 
