@@ -104,7 +104,8 @@ def is_search(run_dir: str | Path) -> bool:
 
 def check_resume(saved: dict, new: dict) -> None:
     """RunError in one line if a resume would search anything else than the saved plan."""
-    differ = lambda a, b: {k for k in set(a) | set(b) if k != "best" and a.get(k) != b.get(k)}
+    same = lambda x, y: json.dumps(x, sort_keys=True) == json.dumps(y, sort_keys=True)   # NaN == NaN, as saved
+    differ = lambda a, b: {k for k in set(a) | set(b) if k != "best" and not same(a.get(k), b.get(k))}
     changed = differ(saved["settings"], new["settings"]) | differ(saved, new) - {"settings", "cells"}
     if [c["name"] for c in saved["cells"]] != [c["name"] for c in new["cells"]]:
         changed.add("the cells (CELL-GLOB)")

@@ -128,6 +128,18 @@ def _bad_space(lines: str, message: str, *options: str, suite_search: str | None
     return (argv, 2, message, False, {})
 
 
+def _other_samples(t: Path, r: Path) -> tuple:
+    """A search planned with 5 samples (its folder outside the results checked), resumed with --samples 3."""
+    from raycnn import search, suites
+    path = _write(t, SEARCH_SUITE + "[search.optimizer.sgd]\nlr = { around = 10 }\n")
+    suite = suites.load(path)
+    settings = {"metric": "val_acc", "seed": 0, "repeats": None, "samples": 5, "grace": None, "val_fraction": None,
+                "budget": None}
+    search.write(t / "searches" / "old", search.plan_doc(suite.trials, {"bad": suite.search}, settings, "optuna"))
+    return ("search", "bad/*", "--suite", path, *SYN, "--samples", "3", "--results-dir", t / "searches", "--name", "old",
+            "--resume")
+
+
 # id: (argv after `raycnn`, or a function (tmp, results_dir[, request]) -> argv; exit code; stderr
 #      must contain; Ray may start; extra environment)
 CASES = {
@@ -265,6 +277,9 @@ CASES = {
                                     "CELL-GLOB mnist/nonet/* matches no cell of all", False, {}),
     "search-pretrained": (lambda t, r: ("search", "pretrained/*", *SYN, "--results-dir", r), 2,
                           "the pretrained cells cannot be searched", False, {}),
+    "search-resume-with-other-samples": (_other_samples, 2, "--resume with other options than the search started "
+                                         "with would change its results: --data-dir (other data), --samples, the "
+                                         "cell's config", False, {}),
     "search-resume-nothing": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", *SYN, "--results-dir", r, "--name", "nope",
                                             "--resume"), 2, "no run to resume", False, {}),
     # reading commands
