@@ -332,7 +332,7 @@ def _html_searches(report: Report) -> list[str]:
     """The searches' section: the search view, then a figure per searched cell."""
     if not len(report.searches):
         return []
-    head = "".join(f"<th>{_e(c)}</th>" for c in tables.SEARCH_HEADER)
+    head = "".join(f"<th>{_e(c)}</th>" for c in tables.search_header(report.searches))
     rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
                    for cells in tables.search_cells(report.searches))
     parts = [f"<h2>{_e(SEARCH_TITLE)}</h2>", f"<p>{_e(tables.SEARCH_LEGEND)}</p>",

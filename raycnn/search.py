@@ -247,8 +247,8 @@ def config_text(values: dict) -> str:
 def summary(run_dir: str | Path) -> list[dict]:
     """One row per searched cell: where it sits in the report, the report's number, the
     samples and epochs the search spent, the best config, and the re-run's mean, std and
-    count over seeds (NaN where the re-run has not finished). Without pandas, as `raycnn table`
-    reads runs."""
+    count over seeds (NaN where the re-run has not finished) beside the seeds it plans.
+    Without pandas, as `raycnn table` reads runs."""
     from raycnn import tables
     doc, run_dir = read(run_dir), Path(run_dir)
     samples = results.read_rows(run_dir, files=SAMPLES)[0] if (run_dir / SAMPLES[0]).is_file() else []
@@ -264,6 +264,7 @@ def summary(run_dir: str | Path) -> list[dict]:
             "epochs_search": sum(s["epochs_done"] or 0 for s in mine),
             "epochs_rerun": sum(r.get("epochs_done") or 0 for r in ran),
             "best_config": config_text(best_.get("values", {})), "metric": doc["settings"]["metric"],
+            "repeats": doc["settings"]["repeats"],
             "best_metric": best_.get("metric_value", math.nan),
             "tuned_mean": tuned.get("ours_mean", math.nan), "tuned_std": tuned.get("ours_std", math.nan),
             "tuned_n": tuned.get("n", 0), "tuned_status": tuned.get("status", ""),

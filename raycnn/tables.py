@@ -305,13 +305,25 @@ def compare_sheet(diffs: Rows, a: str, b: str) -> Sheet:
 
 # ---------------------------------------------------------------- searches
 
-SEARCH_HEADER = ("cell", "report", "grid (ours)", "tuned (re-run)", "best config", "epochs spent")
+SEARCH_HEADER = ("cell", "report", "grid (ours)", "tuned ({seeds}re-run)", "best config", "epochs spent")
 SEARCH_LEGEND = ("Per searched cell: the report's test accuracy (%), ours from the grid runs given, the "
                  "best config's re-run with fresh seeds (mean ± std over seeds, test set), the config the "
                  "search chose on its validation split, and the epochs trained: search + re-run.")
 SEARCH_COLUMNS = ["name", "table", "row", "column", "report_acc", "grid_mean", "grid_std", "grid_n", "grid_budget",
                   "tuned_mean", "tuned_std", "tuned_n", "tuned_status", "tuned_budget", "tuned_diff", "best_config",
-                  "metric", "best_metric", "samples", "epochs_search", "epochs_rerun", "source"]
+                  "repeats", "metric", "best_metric", "samples", "epochs_search", "epochs_rerun", "source"]
+
+
+def _planned_seeds(view: Rows) -> int | None:
+    """The seeds every searched cell's re-run plans, where they all plan the same number."""
+    planned = {r["repeats"] for r in view}
+    return planned.pop() if len(planned) == 1 else None
+
+
+def search_header(view: Rows) -> list[str]:
+    """SEARCH_HEADER, the re-run's seeds named where every cell plans the same: "tuned (3-seed re-run)"."""
+    seeds = _planned_seeds(view)
+    return [h.format(seeds=f"{seeds}-seed " if seeds else "") for h in SEARCH_HEADER]
 
 
 def search_view(searched: Rows, grid=None) -> Rows:
@@ -333,14 +345,15 @@ def _budget_tag(budget) -> str:
 
 
 def search_cells(view: Rows) -> list[list[str]]:
-    """The search view's rows as text cells (SEARCH_HEADER's), percentages."""
-    out = []
+    """The search view's rows as text cells (search_header's), percentages; a re-run's seeds are
+    named where the header does not say them all ("(2 of 3 seeds)": one not run yet)."""
+    out, header_seeds = [], _planned_seeds(view)
     for r in view:
         grid = MISSING if missing(r["grid_mean"]) else (
             _mean_std(r["grid_mean"], r["grid_std"], r["grid_n"]) + _budget_tag(r["grid_budget"]))
+        seeds = "" if r["tuned_n"] == header_seeds else f" ({r['tuned_n']} of {r['repeats']} seeds)"
         tuned = MISSING if missing(r["tuned_mean"]) else (
-            _mean_std(r["tuned_mean"], r["tuned_std"], r["tuned_n"]) + f" ({r['tuned_n']} seeds)"
-            + _budget_tag(r["tuned_budget"]))
+            _mean_std(r["tuned_mean"], r["tuned_std"], r["tuned_n"]) + seeds + _budget_tag(r["tuned_budget"]))
         out.append([r["name"], _pct(r["report_acc"], 0), grid, tuned, r["best_config"] or MISSING,
                     f"{r['epochs_search']} + {r['epochs_rerun']}"])
     return out
@@ -348,16 +361,16 @@ def search_cells(view: Rows) -> list[list[str]]:
 
 def search_sheet(view: Rows) -> Sheet:
     """The search view as a Sheet; the tuned cell coloured by |tuned - report| as the grids are."""
-    sheet = Sheet(list(SEARCH_HEADER), title="Searched cells", caption=SEARCH_LEGEND,
-                  justify={c: "right" for c in ("report", "grid (ours)", "tuned (re-run)", "epochs spent")},
-                  drop=("epochs spent", "grid (ours)"))
+    header = search_header(view)
+    sheet = Sheet(header, title="Searched cells", caption=SEARCH_LEGEND,
+                  justify={c: "right" for c in header[1:4] + header[5:]}, drop=("epochs spent", "grid (ours)"))
     sheet.rows = [cells[:3] + [(cells[3], _style(r["tuned_diff"]))] + cells[4:]
                   for cells, r in zip(search_cells(view), view)]
     return sheet
 
 
 def _search_markdown(view: Rows) -> str:
-    lines = [SEARCH_LEGEND, "", "| " + " | ".join(SEARCH_HEADER) + " |", "|" + "---|" * len(SEARCH_HEADER)]
+    lines = [SEARCH_LEGEND, "", "| " + " | ".join(search_header(view)) + " |", "|" + "---|" * len(SEARCH_HEADER)]
     return "\n".join(lines + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in search_cells(view)]) + "\n"
 
 

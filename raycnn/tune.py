@@ -452,9 +452,9 @@ def _search_cell(doc: dict, cell: dict, opts: RunOptions, view, objects: dict) -
     [placed] = cluster.place([cell], cluster.shapes(), opts.gpus_per_trial)
     fn = tune.with_resources(tune.with_parameters(sample, cell=placed, progress_dir=str(epoch_progress.folder(
         opts.run_dir)), **objects), tune.PlacementGroupFactory([{"CPU": placed["cpus"], "GPU": placed["gpus"]}]))
-    rows, _ = search.sample_rows(opts.run_dir, cell | {"metric": settings["metric"]})
+    rows, epoch_rows = search.sample_rows(opts.run_dir, cell | {"metric": settings["metric"]})
     active = dict(cell=cell | {"metric": settings["metric"]}, exp=str(exp), budget=cell["budget"],
-                  spent={r["folder"]: r["epochs_done"] for r in rows})
+                  spent={r["folder"]: r["epochs_done"] for r in rows}, reported=_reported(rows, epoch_rows, settings))
     with _fitting(opts, view, [], **active):
         if tune.Tuner.can_restore(str(exp)):
             tuner_ = tune.Tuner.restore(str(exp), fn, resume_unfinished=True, resume_errored=True)
@@ -472,6 +472,16 @@ def _search_cell(doc: dict, cell: dict, opts: RunOptions, view, objects: dict) -
         "metric_value": chosen["metric_value"], "values": {k: chosen[k] for k in chosen["searched"].split(",")}}
     search.write(opts.run_dir, doc)
     return True
+
+
+def _reported(rows: list[dict], epoch_rows: list[dict], settings: dict) -> dict[str, list[tuple]]:
+    """What each sample of a cell reported so far, by folder: (epoch, metric) per epoch, in order
+    (RungScheduler replays them into ASHA's record when a search is resumed)."""
+    folders = {r["sample"]: r["folder"] for r in rows}
+    out: dict[str, list[tuple]] = {}
+    for e in sorted(epoch_rows, key=lambda e: (e["sample"], e["epoch"])):
+        out.setdefault(folders[e["sample"]], []).append((e["epoch"], e[settings["metric"]]))
+    return out
 
 
 def _search_tuner(fn, cell: dict, settings: dict, opts: RunOptions, exp: Path) -> tune.Tuner:
@@ -499,8 +509,19 @@ def _sample_dirname(trial) -> str:
 
 class RungScheduler(ASHAScheduler):
     """Tune's ASHA, which also notes each sample it stops before its last epoch (the rows' stop
-    reason "asha"). Holds nothing but ASHA's state: the experiment folder is the running
-    driver's (ACTIVE), as for ResultsCallback."""
+    reason "asha"), and which a resumed search gives back its record of the rungs. Holds nothing
+    but ASHA's state: the experiment folder and the samples' reports are the running driver's
+    (ACTIVE), as for ResultsCallback."""
+
+    def on_trial_add(self, tune_controller, trial):
+        """Tune saves no scheduler state, so a restored search's ASHA starts with empty rungs, and
+        its next samples would be compared only with those reported since. Each sample's reports
+        so far are replayed into its bracket, as ASHA recorded them (its decisions were taken then)."""
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for epoch, value in ACTIVE.get("reported", {}).get(_sample_dirname(trial), []):
+            if value is not None:          # a report without the metric: ASHA skips it too
+                bracket.on_result(trial, epoch, self._metric_op * value)
 
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)

@@ -118,6 +118,49 @@ def test_a_resume_with_other_options_is_refused(tmp_path):
                                                  "optuna"))
 
 
+def test_the_samples_are_sent_no_test_split(tmp_path):
+    """What the driver ships to a search's samples through the object store has no test images:
+    a sample could not read them if it tried."""
+    from dataclasses import replace
+    from raycnn import tune as raytune
+    tiny = _tiny(tmp_path)
+    trials = [replace(t, config=replace(t.config, data_dir=str(tmp_path / "data"))) for t in tiny.trials]
+    doc = search.plan_doc(trials, {"tiny": tiny.search}, {"metric": "val_acc", "seed": 0, "repeats": None,
+                                                          "samples": None, "grace": None, "val_fraction": None,
+                                                          "budget": None}, "random")
+    objects, digests = raytune._sample_objects(doc)
+    [arrays] = objects.values()
+    assert arrays.test_x is None and arrays.test_y is None and len(arrays.train_y) == 600
+    assert list(digests) == list(objects)                    # the data a resume must find again
+
+
+def test_the_search_view_names_the_seeds_a_rerun_lacks():
+    from raycnn import tables
+    cell = {"name": "a", "report_acc": 0.46, "tuned_mean": 0.6, "tuned_std": 0.01, "tuned_n": 3, "tuned_budget": "full",
+            "repeats": 3, "best_config": "lr=0.01", "epochs_search": 90, "epochs_rerun": 90}
+    view = tables.search_view([cell, cell | {"name": "b", "tuned_n": 2, "epochs_rerun": 60}])
+    assert tables.search_header(view)[3] == "tuned (3-seed re-run)"
+    assert [c[3] for c in tables.search_cells(view)] == ["60.0 ± 1.0", "60.0 ± 1.0 (2 of 3 seeds)"]
+    mixed = tables.search_view([cell, cell | {"name": "b", "repeats": 5, "tuned_n": 5}])
+    assert tables.search_header(mixed)[3] == "tuned (re-run)"
+    assert [c[3] for c in tables.search_cells(mixed)] == ["60.0 ± 1.0 (3 of 3 seeds)", "60.0 ± 1.0 (5 of 5 seeds)"]
+
+
+def test_the_published_searches_script_names_real_cells_and_runs():
+    """benchmarks/searches.sh (run at full budget by hand, not here): its four cells are cells of
+    the bundled grid, each search is named after its cell, and the grid runs it compares with are
+    published runs."""
+    import re
+    entries = re.findall(r'(?m)^  "(search-[^|]+)\|([^|]+)\|([^"]+)"$', (ROOT / "benchmarks" / "searches.sh").read_text())
+    cells = {t.name for suite in ("mnist", "cifar10") for t in suites.load(suites.resolve(suite)[0]).trials}
+    assert [cell for _, cell, _ in entries] == ["mnist/dropout/adam/lr0.01", "mnist/base/sgd/lr0.001",
+                                                "cifar10/augment/jitter", "cifar10/base/scheduler"]
+    for name, cell, runs in entries:
+        assert cell in cells and name == "search-" + cell.replace("/", "-")
+        assert all((ROOT / "results" / run / "trials.parquet").is_file() for run in runs.split()), runs
+        assert f"raycnn search '{cell}' --data-dir data --results-dir runs --name {name}" in (ROOT / "README.md").read_text()
+
+
 def test_the_cli_metrics_are_the_searchs():
     assert set(cli.SEARCH_METRICS) == set(search.METRICS) and not any("test" in m for m in cli.SEARCH_METRICS)
 
@@ -174,25 +217,29 @@ def test_the_search_never_read_the_test_set(done):
     assert not samples["evaluate_test"].any()
 
 
+def assert_ashas_rule(samples: pd.DataFrame, epochs: pd.DataFrame, rungs: list[int], factor: float = 3) -> None:
+    """Samples that ran one at a time were each compared at a rung with the samples before it:
+    ASHA stopped exactly those below the cutoff (the 1 - 1/factor quantile of the earlier ones there)."""
+    at = epochs.set_index(["sample", "epoch"])["val_acc"]
+    for rung in rungs:
+        seen = []
+        for s in samples.sort_values("sample").itertuples():
+            if s.epochs_done < rung:
+                continue                          # never there
+            value = at[(s.sample, rung)]
+            below = bool(seen) and value < np.nanpercentile(seen, (1 - 1 / factor) * 100)
+            assert below == (s.stop == "asha" and s.epochs_done == rung), (rung, s.sample, value, seen)
+            seen.append(value)
+
+
 def test_asha_stops_samples_at_the_rungs(done):
-    """Samples ran one at a time, so each was compared at a rung with the samples before it: ASHA
-    stopped exactly those below the cutoff (the 1 - 1/3 quantile of the earlier ones there)."""
     _, _, samples, epochs, doc = done
     [cell] = doc["cells"]
     assert cell["rungs"] == [1, 3]
     stopped = samples[samples["stop"] == "asha"]
     assert len(stopped) >= 1 and stopped["epochs_done"].isin(cell["rungs"]).all()
     assert (samples[samples["stop"] == "completed"]["epochs_done"] == 4).all()
-    at = epochs.set_index(["sample", "epoch"])["val_acc"]
-    for rung in cell["rungs"]:
-        seen = []
-        for s in samples.sort_values("sample").itertuples():
-            if s.epochs_done < rung:
-                continue                          # never there
-            value = at[(s.sample, rung)]
-            below = bool(seen) and value < np.nanpercentile(seen, (1 - 1 / 3) * 100)
-            assert below == (s.stop == "asha" and s.epochs_done == rung), (rung, s.sample, value, seen)
-            seen.append(value)
+    assert_ashas_rule(samples, epochs, cell["rungs"])
 
 
 def test_the_epochs_cap_holds(done):
@@ -220,12 +267,31 @@ def test_table_shows_the_search_view(done, capsys):
     run, _, samples, _, doc = done
     assert cli.main(["table", str(run), "--format", "markdown"]) == 0
     out = capsys.readouterr().out
-    assert "| cell | report | grid (ours) | tuned (re-run) | best config | epochs spent |" in out
+    assert "| cell | report | grid (ours) | tuned (2-seed re-run) | best config | epochs spent |" in out
     lr = doc["cells"][0]["best"]["values"]["lr"]
     assert "| tiny/sgd | 90 | — |" in out and f"lr={lr:.3g}" in out and f"| {SEARCH_BUDGET} + 8 |" in out
+    assert " seeds)" not in out                                  # both seeds ran: the header says them
     assert cli.main(["table", str(run), "--format", "csv"]) == 0
     view = pd.read_csv(__import__("io").StringIO(capsys.readouterr().out))
-    assert view.loc[0, "tuned_n"] == 2 and view.loc[0, "samples"] == len(samples)
+    assert view.loc[0, "tuned_n"] == view.loc[0, "repeats"] == 2 and view.loc[0, "samples"] == len(samples)
+
+
+def test_a_published_search_is_checked_as_its_table_command_renders_it(done, tmp_path, capsys):
+    """tests/test_published.py on a search folder published as benchmarks/searches.sh publishes
+    one: its section's `raycnn table` command renders the search view, and a wrong number fails."""
+    from test_published import _grids, expected_markdown, published_runs
+    run = tmp_path / "results" / "search-tiny"
+    run.mkdir(parents=True)
+    for f in ("search.json", *search.SAMPLES, "trials.parquet", "epochs.parquet"):
+        shutil.copy(done[0] / f, run / f)
+    command = "raycnn table results/search-tiny --format markdown"
+    assert cli.main(["table", str(run), "--format", "markdown"]) == 0
+    section = f"    {command}\n\n{capsys.readouterr().out}"
+    (tmp_path / "results" / "README.md").write_text(f"# Results\n\n## search-tiny: the tiny cell searched\n\n{section}")
+    assert published_runs(tmp_path / "results") == [run]
+    [grid] = _grids(expected_markdown(run, section, capsys))
+    assert grid in section and "| tiny/sgd | 90 |" in grid
+    assert " ± " in grid and grid not in section.replace(" ± ", " +- ")       # another tuned cell: caught
 
 
 @pytest.mark.slow
@@ -255,6 +321,9 @@ def test_resume_after_ctrl_c_loses_no_sample(tmp_path):
         assert (kept["lr"].to_numpy() == before["lr"].to_numpy()).all()        # the same samples, not new ones
         assert (kept["epochs_done"].to_numpy() >= before["epochs_done"].to_numpy()).all()
         assert epochs.groupby("sample")["epoch"].apply(lambda e: sorted(e) == list(range(1, len(e) + 1))).all()
+        # ASHA's record of the rungs came back with the search: the samples after the interruption
+        # were compared with those before it.
+        assert_ashas_rule(after, epochs, search.read(tmp_path / "runs" / "s")["cells"][0]["rungs"])
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
