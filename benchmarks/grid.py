@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout that is not installed
 
-from raycnn import augment, config, datafiles
+from raycnn import config
 from raycnn import results, suites
 from raycnn import tune as raytune
 from raycnn.provenance import provenance

@@ -32,7 +32,7 @@ from rich.table import Table
 # throughput.py (beside this file) also puts the checkout on sys.path for the raycnn imports below.
 from throughput import BATCH, console, device_slug, note, open_device, spread, sync
 
-from raycnn import augment, config, datafiles
+from raycnn import config
 from raycnn import models, results
 from raycnn.provenance import provenance
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))   # a checkout t
 from rich.console import Console
 from rich.table import Table
 
-from raycnn import augment, config, datafiles
+from raycnn import config
 from raycnn import results, suites
 
 console = Console()

@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from raycnn import augment, config, datafiles
+from raycnn import config, datafiles
 from raycnn import models, results
 from raycnn.provenance import provenance
 from raycnn.config import TrainConfig

@@ -93,9 +93,17 @@ def reported(ray_root: Path) -> dict[str, list[dict]]:
     Read from the driver's staging copy of result.json (under the Ray session folder, written
     and flushed on every report); the copy in the run folder is synced only now and then."""
     out: dict[str, list[dict]] = {}
-    for path in sorted(ray_root.glob("**/driver_artifacts/*/result.json")):
+    try:
+        paths = sorted(ray_root.glob("**/driver_artifacts/*/result.json"))
+    except FileNotFoundError:
+        return {}     # Ray removed a folder (spilled objects, a worker's) while glob walked it: poll again
+    for path in paths:
         lines = []
-        for line in path.read_text().splitlines():
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            continue          # its session ended between glob and read
+        for line in text.splitlines():
             try:
                 lines.append(json.loads(line))
             except json.JSONDecodeError:

@@ -494,7 +494,7 @@ def test_raycnn_driver_joins_with_the_clusters_token_and_nothing_else(tmp_path, 
     """A one-node Ray started as cluster.yaml starts its nodes (its container environment, the
     token file where file_mounts puts it): raycnn's driver, in that environment, runs a trial;
     a driver holding another token is refused in one line."""
-    from test_faults import BASE_ENV, PY, free_ports, raycnn, stop_marked
+    from support import BASE_ENV, PY, free_ports, raycnn, stop_marked
     home = Path(tempfile.mkdtemp(prefix="rch-", dir="/tmp"))
     token = home / TOKEN_PATH.removeprefix("~/")
     token.parent.mkdir(mode=0o700)

@@ -12,18 +12,12 @@ process ids it started (tests/support.py): never `ray stop`, which would stop ev
 """
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +26,7 @@ import pandas as pd
 import pytest
 
 from raycnn import epoch_progress, results
-from support import (BASE_ENV, FAULT_SUITE, Background, cli_env, epochs_of, free_ports, marked, raycnn,
+from support import (BASE_ENV, FAULT_SUITE, PY, Background, cli_env, epochs_of, free_ports, marked, raycnn,
                      reported, stop_marked, wait_for)
 
 

@@ -4,8 +4,6 @@ mount one, else a file-size limit, which the kernel enforces the same way: the w
 from __future__ import annotations
 
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path

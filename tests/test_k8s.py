@@ -11,7 +11,6 @@ import copy
 import json
 import re
 import shlex
-import tomllib
 from pathlib import Path
 
 import jsonschema

@@ -1,5 +1,3 @@
-import sys
-import subprocess
 
 import pytest
 import torch

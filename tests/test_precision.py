@@ -37,8 +37,22 @@ def fake_gpu(monkeypatch, major: int, emulated_bf16: bool) -> None:
 def test_auto_precision_on_cuda_needs_native_bf16(monkeypatch, major, emulated, expected):
     fake_gpu(monkeypatch, major, emulated)
     assert trainer.resolve_precision("auto", torch.device("cuda")) == expected
-    assert trainer.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert trainer.resolve_precision("bf16", torch.device("cuda")) == "bf16"     # explicit wins
+
+
+@pytest.mark.parametrize("checked,avx512_bf16,amx,expected", [
+    (True, True, False, "bf16"),     # Zen 4/5, Cooper Lake: AVX512_BF16
+    (True, False, True, "bf16"),     # Sapphire Rapids and later: AMX
+    (True, False, False, "fp32"),    # bf16 would be emulated: slower than fp32
+    (False, True, True, "fp32"),     # the accuracy check did not pass: bf16 only when asked for
+])
+def test_auto_precision_on_the_cpu_needs_native_bf16_and_the_check(monkeypatch, checked, avx512_bf16, amx, expected):
+    monkeypatch.setattr(trainer, "CPU_BF16_CHECKED", checked)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert trainer.resolve_precision("auto", torch.device("cpu")) == expected
+    assert trainer.resolve_precision("fp32", torch.device("cpu")) == "fp32"     # explicit wins
+    assert trainer.resolve_precision("auto", torch.device("mps")) == "fp32"
 
 
 def cfg(**kw) -> TrainConfig:

@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from raycnn import models, suites, trainer
+from raycnn import suites, trainer
 from raycnn.errors import SuiteError
 from raycnn.config import MODELS, TrainConfig, normalization
-from raycnn import augment, config
+from raycnn import augment
 
 # The bundled suites and the study suites (suite files run by path, kept under benchmarks/).
 STUDIES = Path(__file__).resolve().parent.parent / "benchmarks" / "studies"
