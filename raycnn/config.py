@@ -25,8 +25,9 @@ class ModelInfo:
     dataset: str
     input_size: int | None = None
     pretrainable: bool = False
-    # benchmarks/layout.py on a 2-core CPU: the small nets' steps take 7-14% less in
-    # channels_last (max-pooling most of all); AlexNet 2% and ResNet-18 8% more.
+    # benchmarks/layout.py on a 2-core CPU, fp32: the small nets' steps take 7-14% less in
+    # channels_last (max-pooling most of all); AlexNet 2% and ResNet-18 8% more. In bf16 every
+    # network trains faster in channels_last (raycnn.trainer.memory_format).
     cpu_channels_last: bool = True
 
 

@@ -1,7 +1,10 @@
-"""A trial's peak memory: the allocator's peak on CUDA, the process's peak resident set on the
-CPU (Linux). Tune reuses a trial's process for the next trial, so each trial resets the peak."""
+"""A trial's memory on its device: its peak (the allocator's peak on CUDA, the process's peak
+resident set on the CPU, Linux), reset when a trial starts because Tune reuses a trial's process
+for the next trial; and glibc's malloc kept from handing a CPU step's memory back to the kernel."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import re
 import resource
 from pathlib import Path
@@ -9,15 +12,49 @@ from pathlib import Path
 import torch
 
 PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# The largest trim threshold mallopt takes (an int): the heap's free top is never trimmed.
+NO_TRIM = 2**31 - 1
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library where it is glibc; None elsewhere (macOS, musl), whose allocators stay as they are."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version          # glibc's own symbol
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory() -> None:
+    """Have glibc's malloc keep the memory a training step frees for the next step: large blocks
+    come from the heap instead of fresh mappings, and the heap's free top is not trimmed.
+
+    Why: glibc maps each block above its mmap threshold fresh from the kernel and unmaps it when
+    it is freed, and trims the heap's free top, so every CPU step faulted in and zeroed the pages
+    of its large activations, gradients and (bf16) autocast's weight copies again: kernel time
+    that was a large share of a CPU epoch, most of all in bf16. Process-wide and idempotent;
+    `reset_peak` hands the kept memory back to the kernel when the next trial starts."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_MAX, 0)
+        libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
 
 
 def reset_peak(device: torch.device) -> None:
     """Start a new peak for `peak_mb`. CUDA: the allocator's peak. CPU (Linux): the process's
-    peak resident set (writing 5 to clear_refs sets it to the current RSS); elsewhere the CPU
-    peak cannot be reset."""
+    peak resident set (writing 5 to clear_refs sets it to the current RSS), after glibc gave back
+    the free memory `keep_freed_memory` kept, which is an earlier trial's, not this one's;
+    elsewhere the CPU peak cannot be reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
     try:
         PROC_CLEAR_REFS.write_text("5")
     except OSError:

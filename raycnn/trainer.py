@@ -43,10 +43,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-# bf16 autocast on the CPU passed the accuracy check that decides `auto` there (fp32 against bf16,
-# seeds 0-2, mnist/base/sgd-momentum/lr0.01 at 10 epochs and cifar10/base/scheduler at 30:
-# results/precision-fp32 and results/precision-bf16, results/README.md). False: `auto` stays fp32 on
-# every CPU, and bf16 is the user's explicit choice.
+# Whether bf16 autocast on the CPU passed the accuracy check that decides `auto` there (fp32 against
+# bf16, seeds 0-2, mnist/base/sgd-momentum/lr0.01 at 10 epochs and cifar10/base/scheduler at 30;
+# results/precision-fp32 and results/precision-bf16). It did not: bf16 ended 0.79 points under fp32
+# on CIFAR-10, every seed lower (results/README.md). So `auto` is fp32 on every CPU, and bf16 is the
+# user's explicit choice.
 CPU_BF16_CHECKED = False
 
 
@@ -108,9 +109,12 @@ def build_training(config: TrainConfig, arrays: datafiles.Arrays | None = None) 
     device = resolve_device(config.device)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
+    if device.type == "cpu":
+        memory.keep_freed_memory()       # a step's freed memory serves the next step (see there)
     torch.manual_seed(config.seed)
     model = models.build(config.model, pretrained=config.pretrained, weights=config.weights or None).to(device)
-    layout = memory_format(config.model, device)
+    precision = resolve_precision(config.precision, device)
+    layout = memory_format(config.model, device, precision)
     model = model.to(memory_format=layout)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True                 # fixed shapes: pick the fastest kernels once
@@ -118,7 +122,6 @@ def build_training(config: TrainConfig, arrays: datafiles.Arrays | None = None) 
                                      config.backbone_lr or None, config.classifier_lr or None)
     optimizer = OPTIMIZERS[config.optimizer](groups, config) if groups and groups[0]["params"] else None
     scheduler = SCHEDULERS[config.scheduler](optimizer, config) if optimizer else None
-    precision = resolve_precision(config.precision, device)
     pipeline = build_pipeline(config, device)
     arrays = datafiles.hold_out(arrays if arrays is not None else datafiles.load(config), config.val_fraction)
     if not config.evaluate_test:     # a search sample: the test images never reach its device
@@ -130,10 +133,12 @@ def build_training(config: TrainConfig, arrays: datafiles.Arrays | None = None) 
                     torch.Generator().manual_seed(config.seed))
 
 
-def memory_format(model: str, device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA (tensor cores want it) and, on the CPU, for the models oneDNN trains
-    faster that way (raycnn.config.ModelInfo.cpu_channels_last); else torch's default."""
-    fast = device.type == "cuda" or MODELS[model].cpu_channels_last
+def memory_format(model: str, device: torch.device, precision: str = "fp32") -> torch.memory_format:
+    """channels_last on CUDA (tensor cores want it), on the CPU in bf16 (oneDNN's bf16 kernels
+    train every network faster that way: `benchmarks/layout.py --precision bf16`), and in fp32 for
+    the models oneDNN trains faster that way (raycnn.config.ModelInfo.cpu_channels_last); else
+    torch's default."""
+    fast = device.type == "cuda" or precision == "bf16" or MODELS[model].cpu_channels_last
     return torch.channels_last if fast else torch.contiguous_format
 
 

@@ -1,9 +1,11 @@
 """The speed benchmarks end to end on the CPU, as a user runs them: benchmarks/throughput.py
---quick, benchmarks/packing.py on a real private Ray, and benchmarks/project.py on the run
-folders packing leaves."""
+--quick, benchmarks/packing.py on a real private Ray, benchmarks/project.py on the run
+folders packing leaves, and benchmarks/roofline.py --quick (its three levels, two of them
+through a private Ray)."""
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,23 +96,28 @@ def test_projection_from_the_packing_runs(packing):
     assert grid.wall_s_measured_packing > 0 and grid.wall_s_best_packing > 0
 
 
+def benchmark(name: str):
+    """benchmarks/NAME.py imported as a module, with its folder on sys.path while it imports
+    (the scripts import throughput.py beside them)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
 def test_first_fit_schedule():
-    spec = importlib.util.spec_from_file_location("project", ROOT / "benchmarks" / "project.py")
-    project = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(project)
+    project = benchmark("project")
     assert project.simulate([10, 10, 10], [0.5, 0.5, 0.5]) == 20
     assert project.simulate([10, 4, 4, 4], [0.5, 0.5, 0.5, 0.5]) == 12    # the short ones share the other half
     assert project.simulate([], []) == 0
 
 
 def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("grid", ROOT / "benchmarks" / "grid.py")
-        grid = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(grid)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    grid = benchmark("grid")
     pd.DataFrame([dict(measure="total_images_per_s", label=label, concurrency=k, value=v) for label, k, v in
                   (("plain", 1, 100.0), ("plain", 4, 390.0), ("plain", 8, 380.0), ("mps", 8, 420.0))]
                  + [dict(measure="trial_images_per_s", label="plain", concurrency=1, value=999.0)]
@@ -126,13 +133,17 @@ def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
     assert all(t.config.epochs == {"cifar10": 30, "mnist": 10}[t.suite] for t in trials)
 
 
-def test_layout_both_formats_alternating(tmp_path):
+@pytest.mark.parametrize("precision, file", [("fp32", "layout-cpu.parquet"), ("bf16", "layout-cpu-bf16.parquet")])
+def test_layout_both_formats_alternating(tmp_path, precision, file):
     out = script("layout.py", "--quick", "--models", "mnist_base,cifar_base", "--reps", "2", "--out", tmp_path,
-                 cwd=tmp_path)
+                 "--precision", precision, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    df = pd.read_parquet(tmp_path / "layout-cpu.parquet")
-    for col in ("device", "model", "layout", "ms_per_step", "rep", "ratio", "steps", "threads", *PROVENANCE):
+    assert [p.name for p in tmp_path.glob("layout-*.parquet")] == [file]
+    df = pd.read_parquet(tmp_path / file)
+    for col in ("device", "model", "precision", "layout", "ms_per_step", "rep", "ratio", "steps", "threads",
+                *PROVENANCE):
         assert col in df.columns, col
+    assert set(df.precision) == {precision} and f"batch 64, {precision};" in out.stdout
     assert len(df) == 2 * 2 * 2 and (df.ms_per_step > 0).all()
     for _, g in df.groupby(["model", "rep"]):
         v = g.set_index("layout")
@@ -163,3 +174,51 @@ def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
     assert not grid["evaluate_test"].any() and (grid["val_fraction"] == 0.1).all()   # selected as the search does
     ratio = df.loc["grid", "sample_epochs"] / df.loc["asha", "sample_epochs"]
     assert df["epochs_ratio"].iloc[0] == pytest.approx(ratio) and f"{ratio:.2f}x the epochs" in out.stdout
+
+
+def test_roofline_levels_ratios_and_packing(tmp_path):
+    # The trials at the test's own priority: at Ray's default (nice 15 on top of it) they can wait
+    # for minutes behind other work on a loaded machine.
+    out = script("roofline.py", "--quick", "--models", "mnist_base", "--reps", "1", "--out", tmp_path,
+                 "--data-dir", tmp_path / "no-data", "--worker-niceness", "0", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "roofline-cpu.parquet")
+    for col in ("measure", "model", "level", "precision", "value", "rep", "pct_peak", "threads", "source",
+                "worker_niceness", *PROVENANCE):
+        assert col in df.columns, col
+    assert set(df.worker_niceness) == {0} and "trials at nice 0" in out.stdout
+    assert set(df.data[df.measure == "images_per_s"]) == {"synthetic"}
+    flops = df[df.measure == "gflop_per_image"].set_index("model").value
+    # by hand: forward 2 x (26*26*32*9 + 24*24*64*32*9 + 9216*128 + 128*10) = 24 MFLOP, backward about twice that
+    assert 0.06 < flops["mnist_base"] < 0.08
+    assert "fp32" in set(df[df.measure == "peak_gflop_s"].precision)
+    assert (df[df.measure == "gemm_gflop_s"].value > 0).all()
+    ips = df[df.measure == "images_per_s"]
+    for level in ("bare", "fit", "trial"):
+        for precision in ("fp32", "bf16"):
+            mine = ips[(ips.level == level) & (ips.precision == precision)]
+            assert list(mine.rep) == [0] and (mine.value > 0).all() and mine.pct_peak.map(math.isfinite).all()
+    assert set(ips[ips.level == "pack_2x1"].threads) == {2} and len(ips[ips.level == "pack_1x2"]) == 1
+    line = next(l for l in out.stdout.splitlines() if l.startswith("ratios mnist_base:"))
+    numbers = re.findall(r"(fit/bare|trial/bare|bare|fit|trial) ([^\s;]+)", line)
+    assert len(numbers) == 7 and all(math.isfinite(float(v)) and float(v) > 0 for _, v in numbers), line
+    assert re.search(r"packing mnist_base fp32: .* (2 trials x 1 thread|1 trial x 2 threads) wins \(\d", out.stdout)
+
+
+def test_roofline_bad_model_is_one_line(tmp_path):
+    out = script("roofline.py", "--models", "vgg", cwd=tmp_path)
+    assert out.returncode == 2 and "unknown model(s) vgg" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_roofline_data_copy_reads_back_the_same(tmp_path, dataset):
+    # the trials of roofline.py read their images from this copy through raycnn's own readers
+    roofline = benchmark("roofline")
+    from raycnn import datafiles
+    arrays = datafiles.synthetic(dataset, seed=2, sizes=(70, 30))
+    roofline.WRITERS[dataset](arrays, tmp_path)
+    back = datafiles.read(dataset, tmp_path, download=False)
+    for split in ("train_x", "train_y", "test_x", "test_y"):
+        got, want = getattr(back, split), getattr(arrays, split)
+        assert got.shape == want.shape and (got == want).all(), split

@@ -215,13 +215,22 @@ def test_from_dict_checks_types():
             TrainConfig.from_dict(bad)
 
 
-@pytest.mark.parametrize("model, device, want", [
-    ("cifar_base", "cpu", torch.channels_last), ("mnist_base", "cpu", torch.channels_last),
-    ("resnet18", "cpu", torch.contiguous_format), ("alexnet", "cpu", torch.contiguous_format),
-    ("resnet18", "cuda", torch.channels_last), ("mnist_base", "cuda", torch.channels_last)])
-def test_memory_format_per_model_and_device(model, device, want):
+@pytest.mark.parametrize("model, device, precision, want", [
+    ("cifar_base", "cpu", "fp32", torch.channels_last), ("mnist_base", "cpu", "fp32", torch.channels_last),
+    ("resnet18", "cpu", "fp32", torch.contiguous_format), ("alexnet", "cpu", "fp32", torch.contiguous_format),
+    ("resnet18", "cpu", "bf16", torch.channels_last), ("alexnet", "cpu", "bf16", torch.channels_last),
+    ("resnet18", "cuda", "fp32", torch.channels_last), ("mnist_base", "cuda", "bf16", torch.channels_last)])
+def test_memory_format_per_model_device_and_precision(model, device, precision, want):
     # benchmarks/layout.py's figures: channels_last wherever it trains faster
-    assert trainer.memory_format(model, torch.device(device)) == want
+    assert trainer.memory_format(model, torch.device(device), precision) == want
+
+
+def test_a_bf16_trial_trains_in_the_bf16_layout():
+    # build_training resolves the precision before it chooses the layout
+    training = trainer.build_training(cfg(model="alexnet", precision="bf16", device="cpu"),
+                                      datafiles.synthetic("cifar10", sizes=(64, 64)))
+    assert training.layout == torch.channels_last
+    assert training.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_weights_and_inputs_share_the_layout():
