@@ -1,9 +1,9 @@
-"""The `raycnn` command: list suites, run them under Ray Tune, print and compare tables, draw plots.
+"""The `raycnn` command: list suites, run or search them under Ray Tune, print and compare tables, draw plots.
 
 Every user error (`raycnn.errors.UserError`) ends in one line on stderr and its exit code (2 for
 bad input). The reading commands (list, table, compare, report, plot) import neither torch nor
 Ray, and each command imports only what it uses, so `raycnn --help` and `raycnn list` answer at
-once; Ray and torch are imported by `run` only.
+once; Ray and torch are imported by `run` and `search` only.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def prepare_run_dir(args) -> tuple[Place, list[Place]]:
     run_dir = storage.resolve(args.results_dir) / args.name
     if run_dir.exists() and not args.resume:
         raise OptionError(f"run {run_dir} exists: pass --resume to continue it, or another --name")
-    if args.resume and not plan.path(run_dir).exists():
+    if args.resume and not any((run_dir / made).exists() for made in ("plan.json", "search.json")):
         raise OptionError(f"--resume: no run to resume at {run_dir}")
     local = run_dir.local
     # A bucket has no folders to make: a key prefix exists once an object is under it.
@@ -158,7 +158,7 @@ def prepare_run_dir(args) -> tuple[Place, list[Place]]:
 
 
 # What a run that never started may have left in its new folder: its lock, plan and Ray's log.
-LEFT_BEFORE_START = ("driver.lock", "plan.json", "ray.log")
+LEFT_BEFORE_START = ("driver.lock", "plan.json", "search.json", "ray.log")
 
 
 def discard(created: list[Place]) -> None:
@@ -266,6 +266,84 @@ def say(line: str) -> None:
     err_console.print(f"raycnn: {line}", markup=False, highlight=False, soft_wrap=True)
 
 
+# ---------------------------------------------------------------- search
+
+# --metric's choices, here so that `--help` needs no pandas (a test checks them against
+# raycnn.search.METRICS). Never a test metric: a search must not select on the test set.
+SEARCH_METRICS = ("val_acc", "val_loss")
+
+
+def search_spaces(args, trials: list[suites.Trial]) -> dict:
+    """Per suite of the matched cells, the space it is searched over: --space FILE's, else the
+    suite file's [search] table; SuiteError naming the suite that declares none."""
+    from raycnn import space
+    if args.space:
+        mine = space.load(args.space)
+        return {t.suite: mine for t in trials}
+    found = {s.name: s for p in suites.resolve(args.suite) for s in [suites.load(p)]}
+    bare = sorted({t.suite for t in trials if found[t.suite].search is None})
+    if bare:
+        raise OptionError(f"suite {bare[0]} ({found[bare[0]].path}) declares no [search] table: "
+                          f"pass --space FILE (see raycnn/space.py)")
+    return {t.suite: found[t.suite].search for t in trials}
+
+
+def search_plan(args, trials: list[suites.Trial]) -> dict:
+    """The search's plan (raycnn.search), built and checked before Ray or torch is imported."""
+    import importlib.util
+    from raycnn import search
+    searcher = "optuna" if importlib.util.find_spec("optuna") else "random"
+    settings = {"metric": args.metric, "seed": args.seed or 0, "repeats": args.repeats, "samples": args.samples,
+                "grace": args.grace, "val_fraction": args.val_fraction, "budget": args.budget}
+    return search.plan_doc(trials, search_spaces(args, trials), settings, searcher)
+
+
+def cmd_search(args) -> int:
+    """`raycnn search CELL-GLOB ...`: each matched cell searched under ASHA on a validation
+    split, its best config re-run with fresh seeds and scored on the test set.
+
+    Checked like `raycnn run` before Ray is imported; an interrupted search prints the command
+    that resumes it."""
+    args.filter, args.quick, args.weights, args.log = args.cells, False, None, ()
+    names = [t.name for p in suites.resolve(args.suite) for t in suites.load(p).trials]
+    if not any(fnmatch.fnmatch(n, c) for n in names for c in args.cells):
+        raise OptionError(f"CELL-GLOB {' '.join(args.cells)} matches no cell of {args.suite}")
+    trials = select(args)
+    if any(t.config.pretrained for t in trials):
+        raise OptionError("the pretrained cells cannot be searched (no [search] space is declared for them)")
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
+        raise OptionError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    search_plan(args, trials)                     # every mistake in the spaces, before Ray
+    args.name = args.name or f"search-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir, created = prepare_run_dir(args)
+    raytune = None
+    try:
+        from raycnn import epoch_progress, tune as raytune     # Ray and torch are imported here only
+        from raycnn.live import LiveView
+        opts = raytune.RunOptions(run_dir=run_dir, address=args.address, cpus_per_trial=args.cpus_per_trial,
+                                  gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
+                                  max_failures=args.max_failures, resume=args.resume, num_cpus=args.num_cpus,
+                                  num_gpus=args.num_gpus)
+        doc = search_plan(args, raytune.apply_resources(trials, opts))
+        view = LiveView(err_console, header=f"raycnn: search of {len(trials)} cell(s) into {run_dir}",
+                        progress_dir=epoch_progress.folder(run_dir))
+        outcome = raytune.run_search(doc, {t.name: t for t in trials}, opts, view=view)
+    except KeyboardInterrupt:
+        if raytune is None or not (run_dir / "tune").exists():
+            discard(created)
+            raise
+        outcome = "interrupted"
+    except BaseException:
+        discard(created)
+        raise
+    messages = {"ok": f"done: samples in {run_dir}/samples.parquet, the re-run in {run_dir}/trials.parquet; "
+                      f"raycnn table {run_dir}",
+                "errors": f"finished with failed trials (see the error column): results in {run_dir}",
+                "interrupted": f"interrupted; resume with: {resume_command(args.name)}"}
+    say(messages[outcome])
+    return EXIT[outcome]
+
+
 # ---------------------------------------------------------------- table, plot
 
 def load_runs(run_dirs: list[str]) -> list[dict]:
@@ -284,12 +362,29 @@ def show(trials, source: bool = False) -> None:
 def cmd_table(args) -> int:
     """`raycnn table RUN [RUN ...]`: the runs' cells beside the report's, laid out as the report.
     A trial in several runs: the same config pools its repeats, another config takes the later run."""
+    from raycnn import search
+    searched = [d for d in args.run_dirs if search.is_search(d)]
+    if searched:
+        return _search_table(searched, [d for d in args.run_dirs if d not in searched], args.format)
     trials = load_runs(args.run_dirs)
     if args.format == "rich":
         show(trials, args.source)
     else:
         from raycnn import tables
         sys.stdout.write(tables.render(trials, args.format, args.source))
+    return 0
+
+
+def _search_table(searched: list[str], grid_runs: list[str], fmt: str) -> int:
+    """`raycnn table SEARCH [RUN ...]`: per searched cell, report | grid (ours, from the RUNs) |
+    tuned (the re-run) | best config | epochs spent."""
+    from raycnn import search, tables
+    view = tables.search_view([row for d in searched for row in search.summary(d)],
+                              load_runs(grid_runs) if grid_runs else None)
+    if fmt == "rich":
+        screen.emit(console, [tables.search_sheet(view)])
+    else:
+        sys.stdout.write(tables.render_search(view, fmt))
     return 0
 
 
@@ -366,10 +461,49 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
 
+    se = sub.add_parser("search", help="search cells' settings under ASHA; re-run the best config with fresh seeds",
+                        description="Each matched cell's network at its epochs and batch size, over its "
+                                    "suite's [search] space (or --space FILE), selected on a validation split "
+                                    "held out of the training set; the best config is re-run with fresh seeds "
+                                    "on the whole training set and scored on the test set.")
+    se.add_argument("cells", nargs="+", metavar="CELL-GLOB", help="glob on trial names, e.g. 'mnist/base/sgd/lr0.001'")
+    se.add_argument("--suite", default="all", help="where the cells are: mnist | cifar10 | all | a suite .toml file")
+    se.add_argument("--space", help="a TOML file with a [search] table, instead of the suite's")
+    se.add_argument("--samples", type=int, help="configurations tried per cell (default: the space's)")
+    se.add_argument("--budget", type=int, metavar="EPOCHS",
+                    help="cap on the epochs the samples of a cell train in all (default: the space's budget_runs "
+                         "times the cell's epochs)")
+    se.add_argument("--grace", type=int, help="epochs every sample trains before ASHA may stop it (default: the space's)")
+    se.add_argument("--metric", choices=SEARCH_METRICS, default="val_acc", help="what selects (never the test set)")
+    se.add_argument("--val-fraction", type=float, help="share of the training set held out for selection "
+                                                         "(default: the space's)")
+    se.add_argument("--repeats", type=int, help="fresh seeds of the best config's re-run (default: the space's, 3)")
+    se.add_argument("--seed", type=int, help="the samples' seed and the searcher's (default 0); the re-run "
+                                             "takes the next seeds")
+    se.add_argument("--epochs", type=int, help="override every cell's epochs (rows say budget=reduced)")
+    se.add_argument("--max-train-samples", type=int, help="train on the first N images")
+    se.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
+    se.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
+    se.add_argument("--results-dir", default="runs", help="where run folders go (default: runs/)")
+    se.add_argument("--name", help="run folder name (default: search-DATE-TIME)")
+    se.add_argument("--resume", action="store_true", help="continue the search named by --name")
+    se.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
+    se.add_argument("--gpus-per-trial", type=float, help="GPU share per sample (default: the suite's)")
+    se.add_argument("--cpus-per-trial", type=int, help="CPUs per sample (default: the suite's)")
+    se.add_argument("--max-concurrent", type=int, help="at most N samples at once")
+    se.add_argument("--max-failures", type=int, default=2, help="restarts of a failed sample from its checkpoint")
+    se.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    se.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs")
+    se.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
+    se.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
+    se.set_defaults(func=cmd_search)
+
     t = sub.add_parser("table", help="print runs' results beside the report's",
                        description="Several runs: a trial with the same config in several runs pools its "
                                    "repeats (mean ± std; a seed in two runs counts once, from the later run); "
-                                   "with a different config the later run (on the command line) wins.")
+                                   "with a different config the later run (on the command line) wins. A search "
+                                   "folder (raycnn search) among them: per searched cell, report | grid (ours, "
+                                   "from the other runs) | tuned (the re-run) | best config | epochs spent.")
     t.add_argument("run_dirs", nargs="+", metavar="RUN", help="run folder(s), e.g. results/mnist-all-1ep")
     t.add_argument("--format", choices=["rich", *TABLE_FORMATS], default="rich",
                    help="rich: tables on a terminal, tab-separated lines on a pipe")
@@ -409,7 +543,7 @@ class Parser(argparse.ArgumentParser):
 
 # Options that count things: (name, smallest value allowed).
 COUNTS = {"epochs": 1, "repeats": 1, "max_concurrent": 1, "cpus_per_trial": 1, "max_train_samples": 1,
-          "checkpoint_every": 1, "num_cpus": 1, "max_failures": 0, "seed": 0}
+          "checkpoint_every": 1, "num_cpus": 1, "max_failures": 0, "seed": 0, "samples": 1, "budget": 1, "grace": 1}
 
 
 def _check_numbers(args) -> None:

@@ -121,6 +121,7 @@ class TrainConfig:
     classifier_lr: float = 0.0           # lr of the new head; 0 = lr
     early_stopping_patience: int = 0     # stop after this many epochs without a better selection accuracy; 0 = off
     val_fraction: float = 0.0            # hold this share of the training set out for selection; 0 = select on test, as the report
+    evaluate_test: bool = True           # false for search samples: they select on validation and never see the test split
     precision: str = "auto"              # auto | fp32 | bf16 | fp16
     seed: int = 0
     max_train_samples: int = 0           # train on the first N images; 0 = all
@@ -256,6 +257,8 @@ def _checks(c: TrainConfig) -> list[tuple]:
          and list(c.milestones) == sorted(set(c.milestones)),
          f"milestones must be positive epochs in increasing order, got {list(c.milestones)}"),
         (lambda: 0.0 <= c.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {c.val_fraction}"),
+        (lambda: c.evaluate_test or c.val_fraction > 0,
+         "evaluate_test = false needs val_fraction > 0: without a test split, selection needs a validation split"),
         (lambda: c.early_stopping_patience >= 0, f"early_stopping_patience must not be negative, got {c.early_stopping_patience}"),
         (lambda: c.max_train_samples >= 0 and c.image_size >= 0, "max_train_samples and image_size must not be negative"),
         *((lambda k=k: _range_ok(k, getattr(c, k)),

@@ -180,6 +180,12 @@ def hold_out(arrays: Arrays, fraction: float) -> Arrays:
                   arrays.train_x[val], arrays.train_y[val])
 
 
+def without_test(arrays: Arrays) -> Arrays:
+    """The arrays with no test split: what a search sample trains on, so that nothing it does
+    can read the test images (selection is on the validation split)."""
+    return Arrays(arrays.train_x, arrays.train_y, None, None, arrays.val_x, arrays.val_y)
+
+
 def load(config: TrainConfig) -> Arrays:
     """A trial's dataset (synthetic, or read from its data_dir), cut to its max_train_samples."""
     name = config.dataset_name

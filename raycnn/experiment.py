@@ -104,11 +104,12 @@ def _reports(path: Place) -> list[dict]:
     return [by_epoch[k] for k in sorted(by_epoch)]
 
 
-def repair(run_dir: str | Path | Place) -> list[str]:
+def repair(run_dir: str | Path | Place, exp: Place | None = None) -> list[str]:
     """Cut the torn last line off every result.json of the run (a crash mid-write leaves one;
-    Tune would append the next report to it and both would be lost). Returns the trial folders
+    Tune would append the next report to it and both would be lost); `exp`: another experiment
+    folder of the run (a search's cell) than its plan's. Returns the trial folders
     whose line was cut: that epoch's row is a gap unless the trial trains it again."""
-    exp, cut = experiment_dir(run_dir), []
+    exp, cut = exp or experiment_dir(run_dir), []
     for rel in sorted(exp.tree()):
         folder, _, name = rel.partition("/")
         if name != "result.json":

@@ -1,5 +1,6 @@
 """The console view of a running suite: one row per running or recent trial, with its epoch,
-the batches done in the current epoch, test accuracy, images/s and ETA, redrawn in place on a
+the batches done in the current epoch, test accuracy (a search's samples: validation accuracy
+and ASHA's rung), images/s and ETA, redrawn in place on a
 terminal; elsewhere a line per trial end. `raycnn.tune` calls it (start, update, restarting,
 failed, warn, stop); it never imports Ray."""
 from __future__ import annotations
@@ -14,6 +15,14 @@ from rich.table import Table
 
 from raycnn import epoch_progress, storage
 from raycnn.experiment import trial_folder
+
+
+def rung_text(epoch: int, rungs: list[int] | None) -> str:
+    """A sample's ASHA rung: the rungs passed of all, and the epoch of the next ("1/3 -> 3")."""
+    if not rungs:
+        return ""
+    passed = sum(epoch >= m for m in rungs)
+    return f"{passed}/{len(rungs)}" + (f" -> {rungs[passed]}" if passed < len(rungs) else "")
 
 
 class LiveView:
@@ -47,33 +56,47 @@ class LiveView:
         return meta["name"] + (f" #{meta['repeat']}" if meta["repeat"] else "")
 
     def start(self, params: list[dict]) -> None:
+        """Show the trials of `params` (plan entries) as pending; a search's samples, which its
+        searcher makes as it goes, are added when they first report (`update`)."""
         if self.header:       # printed once the run really starts: errors before it stay one line
             self.console.print(self.header, markup=False, highlight=False, soft_wrap=True)
+            self.header = ""  # a search starts the view once per cell, then for its re-run
         self.started = time.time()
         self.concurrency = 1
-        self.rows = {(p["name"], p["repeat"]): {"name": p["name"] + (f" #{p['repeat']}" if p["repeat"] else ""),
-                                                "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0,
-                                                "acc": math.nan, "ips": math.nan, "epoch_s": math.nan,
-                                                "folder": trial_folder(p), "batch_size": p["config"]["batch_size"],
-                                                "inside": None}
-                     for p in params}
+        self.rows = {}
+        for p in params:
+            self._row(p)
         if self.console.is_terminal:
             # Live(self): each refresh calls __rich__, so elapsed time and ETA tick between epochs.
             self.live = Live(self, console=self.console, refresh_per_second=2)
             self.live.start()
 
+    def _row(self, p: dict) -> dict:
+        """The row of a plan entry or a search's sample (which carries its folder and ASHA's rungs)."""
+        key = (p["name"], p["repeat"])
+        if key not in self.rows:
+            label = " sample " if "rungs" in p else " #"
+            self.rows[key] = {"name": p["name"] + (f"{label}{p['repeat']}" if p["repeat"] else ""),
+                              "epochs": p["config"]["epochs"], "status": "pending", "epoch": 0, "acc": math.nan,
+                              "ips": math.nan, "epoch_s": math.nan, "folder": p.get("folder") or trial_folder(p),
+                              "batch_size": p["config"]["batch_size"], "inside": None, "rungs": p.get("rungs")}
+        return self.rows[key]
+
     def update(self, meta: dict, result: dict) -> None:
-        row = self.rows.get((meta["name"], meta["repeat"]))
+        row = self._row(meta) if "rungs" in meta else self.rows.get((meta["name"], meta["repeat"]))
         if row is None:
             return
         if result.get("warning"):
             self.warn(f"{row['name']}: {result['warning']}")
         status = result.get("status", row["status"])
-        row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=result.get("test_acc", row["acc"]),
+        # A search's samples never see the test split: their view shows validation accuracy.
+        acc = result.get("val_acc" if row["rungs"] is not None else "test_acc", row["acc"])
+        row.update(status=status, epoch=result.get("epoch", row["epoch"]), acc=acc,
                    ips=result.get("images_per_s", row["ips"]), epoch_s=result.get("seconds", row["epoch_s"]))
         if self.live is None and status != "running":
+            what = "val acc" if row["rungs"] is not None else "test acc"
             self.console.print(f"  {row['name']}: {status}, epoch {row['epoch']}/{row['epochs']}, "
-                               f"test acc {100 * row['acc']:.2f}%")
+                               f"{what} {100 * row['acc']:.2f}%")
 
     def _inside(self, row: dict) -> dict | None:
         """The running trial's progress inside its current epoch, if it wrote any."""
@@ -126,13 +149,17 @@ class LiveView:
         eta = self.eta()
         title = " ".join(f"{k} {v}" for k, v in sorted(counts.items())) + \
             f"  elapsed {time.time() - self.started:.0f}s" + (f"  ETA {eta:.0f}s" if math.isfinite(eta) else "")
-        table = Table("trial", "status", "epoch", "batch", "test acc", "img/s", "ETA", title=title)
+        searching = any(r["rungs"] is not None for r in self.rows.values())
+        columns = ["trial", "status", "epoch", *(["rung"] if searching else []), "batch",
+                   "val acc" if searching else "test acc", "img/s", "ETA"]
+        table = Table(*columns, title=title)
         shown = sorted(self.rows.values(), key=lambda r: self.ORDER.get(r["status"], 5))[:self.max_rows]
         for r in shown:
             inside = r["inside"]
             left = self._left(r, self._epoch_s(r)) if r["status"] == "running" else math.nan
             ips = inside["images_per_s"] if inside else r["ips"]    # the current rate while an epoch runs
-            table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}",
+            rung = [rung_text(r["epoch"], r["rungs"])] if searching else []
+            table.add_row(r["name"], r["status"], f"{r['epoch']}/{r['epochs']}", *rung,
                           f"{inside['step']}/{inside['steps']}" if inside else "",
                           "" if math.isnan(r["acc"]) else f"{100 * r['acc']:.2f}%",
                           "" if not math.isfinite(ips) else f"{ips:.0f}",

@@ -10,6 +10,10 @@ budget, is listed with the reason.
 
 HTML is one self-contained file (CSS inline, figures as base64 PNG, no script, nothing fetched);
 Markdown is a text file plus one PNG per figure beside it.
+
+A search's folder among the runs adds a section: per searched cell the report's number, the
+grid's, the tuned re-run's, the best config and the epochs spent, and the cell's figure
+(`raycnn.search_plots`).
 """
 from __future__ import annotations
 
@@ -17,13 +21,13 @@ import base64
 import html
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
 
-from raycnn import plots, results, storage, suites, tables
+from raycnn import plots, results, search, search_plots, storage, suites, tables
 from raycnn.files import atomic
 from raycnn.plots import folded_frame
 
@@ -101,6 +105,15 @@ class Report:
     trials: pd.DataFrame
     epochs: pd.DataFrame
     gaps: pd.DataFrame          # table, row, column, name, reason
+    searches: list = field(default_factory=list)                    # tables.search_view rows
+    search_figures: list = field(default_factory=list)              # search_plots.SearchFigure per cell
+
+    @cached_property
+    def searched(self) -> list[Drawn]:
+        """One figure per searched cell (samples in parallel coordinates, the rung survivors'
+        curves, the metric against lr), in the searches' order."""
+        return [Drawn(f.cell["name"], slug, f"{f.cell['name']}: search", f.caption, _png(f.draw()))
+                for f, slug in zip(self.search_figures, plots.slugs([f"search-{f.cell['name']}" for f in self.search_figures]))]
 
     @cached_property
     def figures(self) -> list[Drawn]:
@@ -153,9 +166,13 @@ def _gap(row, grid: dict[str, suites.Trial]) -> str:
 
 def collect(run_dirs: list[str]) -> Report:
     """The runs laid together (later run wins, repeats of one config pool: `tables.combine`),
-    the bundled grid's cells they miss added as "not run" rows, and the reasons."""
-    loaded = [(storage.resolve(d).name, *results.load_run(d)) for d in run_dirs]
-    trials = pd.DataFrame(tables.combine([(name, t) for name, t, _ in loaded]))
+    the bundled grid's cells they miss added as "not run" rows, and the reasons. A search's
+    folder (`raycnn.search`) is not laid into the grid: its cells get their own section, the
+    search view beside the grid's numbers and a figure per cell."""
+    searched = [d for d in run_dirs if search.is_search(d)]
+    loaded = [(storage.resolve(d).name, *results.load_run(d)) for d in run_dirs if d not in searched]
+    trials = (pd.DataFrame(tables.combine([(name, t) for name, t, _ in loaded])) if loaded
+              else pd.DataFrame(columns=[*tables.TRIAL_COLUMNS, "suite", "source", "budget", "repeat", "epochs"]))
     grid = _grid()
     if "budget" not in trials.columns:
         trials["budget"] = ""
@@ -163,8 +180,11 @@ def collect(run_dirs: list[str]) -> Report:
     trials.loc[unknown, "budget"] = [_budget(r, grid) for _, r in trials[unknown].iterrows()]
     # Epoch rows of exactly the trial rows that survived combine (a replaced run's are dropped).
     kept = set(zip(trials["source"], trials["name"], trials["repeat"]))
-    epochs = pd.concat([e.assign(source=name) for name, _, e in loaded], ignore_index=True)
-    epochs = epochs[[k in kept for k in zip(epochs["source"], epochs["name"], epochs["repeat"])]]
+    epochs = (pd.concat([e.assign(source=name) for name, _, e in loaded], ignore_index=True) if loaded
+              else pd.DataFrame(columns=[*results.EPOCH_COLUMNS, "source"]))
+    grid_rows = trials.copy()
+    epochs = epochs[pd.Series([k in kept for k in zip(epochs["source"], epochs["name"], epochs["repeat"])],
+                              index=epochs.index, dtype=bool)]
     gaps = [(r["name"], why) for _, r in trials.drop_duplicates("name").iterrows() if (why := _gap(r, grid))]
     missing = [t for name, t in grid.items() if name not in set(trials["name"])]
     for t in missing:
@@ -183,8 +203,19 @@ def collect(run_dirs: list[str]) -> Report:
     order = {n: i for i, n in enumerate(folded["name"])}
     gaps_df = (gaps_df.assign(_t=gaps_df["table"].map(rank), _n=gaps_df["name"].map(order))
                .sort_values(["_t", "_n"]).reset_index(drop=True))
-    return Report([name for name, _, _ in loaded], trials, epochs,
-                  gaps_df[["table", "row", "column", "name", "reason"]])
+    views = [search.summary(d) for d in searched]
+    found = [f for d in searched for f in search_plots.figures(search.read(d), *_samples(d))]
+    return Report([storage.resolve(d).name for d in run_dirs], trials, epochs,
+                  gaps_df[["table", "row", "column", "name", "reason"]],
+                  tables.search_view([row for v in views for row in v], grid_rows),
+                  found)
+
+
+def _samples(run_dir: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A search's samples and their epochs; empty before its first sample reported."""
+    if (storage.resolve(run_dir) / search.SAMPLES[0]).is_file():
+        return search.load_samples(run_dir)
+    return pd.DataFrame(), pd.DataFrame()
 
 
 def provenance(report: Report) -> pd.DataFrame:
@@ -287,10 +318,26 @@ def to_html(report: Report) -> str:
                          f"{_html_rows(mine, 'details')}</details>")
         if sheet.title in figures:
             parts.append(_html_figure(figures[sheet.title], f'data-table="{_e(sheet.title)}"'))
+    parts += _html_searches(report)
     parts += [f"<h2>{_e(GAPS_TITLE)}</h2>",
               _html_rows(report.gaps, "gaps") if len(report.gaps) else "<p>None: every cell ran at the report's budget.</p>"]
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(TITLE)}</title>'
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+SEARCH_TITLE = "Searched cells"
+
+
+def _html_searches(report: Report) -> list[str]:
+    """The searches' section: the search view, then a figure per searched cell."""
+    if not len(report.searches):
+        return []
+    head = "".join(f"<th>{_e(c)}</th>" for c in tables.search_header(report.searches))
+    rows = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>"
+                   for cells in tables.search_cells(report.searches))
+    parts = [f"<h2>{_e(SEARCH_TITLE)}</h2>", f"<p>{_e(tables.SEARCH_LEGEND)}</p>",
+             f'<table class="search-table"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>']
+    return parts + [_html_figure(d, f'data-search="{_e(d.key)}"') for d in report.searched]
 
 
 # ---------------------------------------------------------------- Markdown
@@ -309,6 +356,11 @@ def to_markdown(report: Report, figure_dir: Path, relative_to: Path) -> str:
     for drawn in report.figures:
         path = atomic(figure_dir / f"{drawn.slug}.png", lambda tmp: Path(tmp).write_bytes(drawn.png))
         lines += [f"![{drawn.alt}]({path.relative_to(relative_to).as_posix()})", "", f"*{drawn.caption}.*", ""]
+    if len(report.searches):
+        lines += [f"## {SEARCH_TITLE}", "", tables.render_search(report.searches, "markdown")]
+        for drawn in report.searched:
+            path = atomic(figure_dir / f"{drawn.slug}.png", lambda tmp: Path(tmp).write_bytes(drawn.png))
+            lines += [f"![{drawn.alt}]({path.relative_to(relative_to).as_posix()})", "", f"*{drawn.caption}.*", ""]
     lines += ["## Provenance", "", _md_rows(provenance(report).drop(columns=["table", "row", "column"])), "",
               f"## {GAPS_TITLE}", "",
               _md_rows(report.gaps) if len(report.gaps) else "None.", ""]

@@ -25,6 +25,7 @@ from raycnn.storage import Place
 
 TRIALS_FILE = "trials.parquet"
 EPOCHS_FILE = "epochs.parquet"
+RUN_FILES = (TRIALS_FILE, EPOCHS_FILE)
 EPOCH_COLUMNS = ("name", "repeat", "epoch", "train_acc", "test_acc", "train_loss", "test_loss")
 
 
@@ -44,12 +45,14 @@ def write_parquet(rows, path: str | Path | Place, metadata: dict[bytes, bytes] |
     return storage.resolve(path).write(lambda f: pq.write_table(table, f))
 
 
-def write_run(run_dir: str | Path | Place, trial_rows: list[dict], epoch_rows: list[dict]) -> None:
-    """Write a run's trials.parquet and epochs.parquet as one write (see the module's doc)."""
+def write_run(run_dir: str | Path | Place, trial_rows: list[dict], epoch_rows: list[dict],
+              files: tuple[str, str] = RUN_FILES) -> None:
+    """Write a run's trials.parquet and epochs.parquet as one write (see the module's doc);
+    `files` names another pair of the same shape (a search's samples and their epochs)."""
     stamp = {WRITE_ID: uuid.uuid4().hex.encode()}
     run_dir = storage.resolve(run_dir)
-    write_parquet(epoch_rows, run_dir / EPOCHS_FILE, stamp)
-    write_parquet(trial_rows, run_dir / TRIALS_FILE, stamp)
+    write_parquet(epoch_rows, run_dir / files[1], stamp)
+    write_parquet(trial_rows, run_dir / files[0], stamp)
 
 
 def _table(path: Place) -> tuple[pa.Table, bytes | None]:
@@ -63,16 +66,16 @@ def _table(path: Place) -> tuple[pa.Table, bytes | None]:
     return table, (table.schema.metadata or {}).get(WRITE_ID)
 
 
-def _paths(run_dir: Place) -> tuple[Place, Place]:
-    trials_path = run_dir / TRIALS_FILE
+def _paths(run_dir: Place, files: tuple[str, str]) -> tuple[Place, Place]:
+    trials_path = run_dir / files[0]
     if not trials_path.is_file():
         raise ResultsError(f"no results: {trials_path} does not exist")
-    return trials_path, run_dir / EPOCHS_FILE
+    return trials_path, run_dir / files[1]
 
 
-def _tables(run_dir: Place) -> tuple[pa.Table, pa.Table | None]:
+def _tables(run_dir: Place, files: tuple[str, str] = RUN_FILES) -> tuple[pa.Table, pa.Table | None]:
     """A run's two tables, checked to come from one write; None for a missing epochs file."""
-    trials_path, epochs_path = _paths(run_dir)
+    trials_path, epochs_path = _paths(run_dir, files)
     trials, trials_id = _table(trials_path)
     if not epochs_path.is_file():
         return trials, None
@@ -83,10 +86,12 @@ def _tables(run_dir: Place) -> tuple[pa.Table, pa.Table | None]:
     return trials, epochs
 
 
-def read_rows(run_dir: str | Path | Place, epochs: bool = False) -> tuple[list[dict], list[dict]]:
-    """(trials, epochs) of a run folder as lists of dicts, without pandas (the command line's
-    tables); epochs only when asked for. ResultsError when trials.parquet is missing or unreadable."""
-    trials, epoch_table = _tables(storage.resolve(run_dir))
+def read_rows(run_dir: str | Path | Place, epochs: bool = False, files: tuple[str, str] = RUN_FILES
+              ) -> tuple[list[dict], list[dict]]:
+    """(trials, epochs) of a run folder (or the pair `files` names) as lists of dicts, without
+    pandas (the command line's tables); epochs only when asked for. ResultsError when
+    trials.parquet is missing or unreadable."""
+    trials, epoch_table = _tables(storage.resolve(run_dir), files)
     return trials.to_pylist(), (epoch_table.to_pylist() if epochs and epoch_table is not None else [])
 
 
@@ -101,11 +106,11 @@ def _frame(table: pa.Table):
     return df
 
 
-def load_run(run_dir: str | Path | Place):
-    """(trials, epochs) of a run folder as pandas frames; no epochs file gives an empty epochs
-    frame. ResultsError when trials.parquet is missing or unreadable."""
+def load_run(run_dir: str | Path | Place, files: tuple[str, str] = RUN_FILES):
+    """(trials, epochs) of a run folder (or the pair `files` names) as pandas frames; no epochs
+    file gives an empty epochs frame. ResultsError when trials.parquet is missing or unreadable."""
     import pandas as pd
-    trials, epochs = _tables(storage.resolve(run_dir))
+    trials, epochs = _tables(storage.resolve(run_dir), files)
     return _frame(trials), (_frame(epochs) if epochs is not None else pd.DataFrame(columns=list(EPOCH_COLUMNS)))
 
 

@@ -12,6 +12,7 @@ A suite file has four parts, all optional but one source of trials:
     [report]     the report's published accuracy (percent) of axis-made trials, by trial name
     [[trials]]   explicit trials: `name` (SUITE/ is prefixed), `table`, `row`, `column`,
                  `report` (percent), optional `gpus_per_trial`, and TrainConfig fields
+    [search]     what `raycnn search` tries for the suite's cells (see raycnn.space)
 
 Every key is checked: a mistake names the file and the key.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from raycnn import space
 from raycnn.config import TrainConfig
 from raycnn.errors import ConfigError, SuiteError
 
@@ -59,6 +61,7 @@ class Suite:
     path: Path
     description: str
     trials: list[Trial] = field(default_factory=list)
+    search: space.Search | None = None      # its [search] table, if it declares one
 
 
 def bundled() -> dict[str, Path]:
@@ -86,7 +89,7 @@ def load(path: str | Path) -> Suite:
         doc = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise SuiteError(f"{path}: cannot read suite: {e}") from None
-    _check_keys(path, "top level", doc, {"suite", "defaults", "axes", "report", "trials"})
+    _check_keys(path, "top level", doc, {"suite", "defaults", "axes", "report", "trials", "search"})
     head = doc.get("suite", {})
     _check_keys(path, "[suite]", head, SUITE_KEYS)
     _check_types(path, "[suite]", head, HEAD_TYPES)
@@ -109,7 +112,8 @@ def load(path: str | Path) -> Suite:
     unknown = set(doc.get("report", {})) - seen
     if unknown:
         raise SuiteError(f"{path}: [report] names trials that do not exist: {', '.join(sorted(unknown))}")
-    return Suite(name, path, head.get("description", ""), trials)
+    search = space.parse(path, doc["search"]) if "search" in doc else None
+    return Suite(name, path, head.get("description", ""), trials, search)
 
 
 def _tables(value: Any) -> bool:

@@ -301,3 +301,97 @@ def compare_sheet(diffs: Rows, a: str, b: str) -> Sheet:
                    MISSING if missing(r["diff"]) else f"{r['diff'] * 100:+.1f}", verdict[r["beyond_spread"]]]
                   for r in diffs]
     return sheet
+
+
+# ---------------------------------------------------------------- searches
+
+SEARCH_HEADER = ("cell", "report", "grid (ours)", "tuned ({seeds}re-run)", "best config", "epochs spent")
+SEARCH_LEGEND = ("Per searched cell: the report's test accuracy (%), ours from the grid runs given, the "
+                 "best config's re-run with fresh seeds (mean ± std over seeds, test set), the config the "
+                 "search chose on its validation split, and the epochs trained: search + re-run.")
+SEARCH_COLUMNS = ["name", "table", "row", "column", "report_acc", "grid_mean", "grid_std", "grid_n", "grid_budget",
+                  "tuned_mean", "tuned_std", "tuned_n", "tuned_status", "tuned_budget", "tuned_diff", "best_config",
+                  "repeats", "metric", "best_metric", "samples", "epochs_search", "epochs_rerun", "source"]
+
+
+def _planned_seeds(view: Rows) -> int | None:
+    """The seeds every searched cell's re-run plans, where they all plan the same number."""
+    planned = {r["repeats"] for r in view}
+    return planned.pop() if len(planned) == 1 else None
+
+
+def search_header(view: Rows) -> list[str]:
+    """SEARCH_HEADER, the re-run's seeds named where every cell plans the same: "tuned (3-seed re-run)"."""
+    seeds = _planned_seeds(view)
+    return [h.format(seeds=f"{seeds}-seed " if seeds else "") for h in SEARCH_HEADER]
+
+
+def search_view(searched: Rows, grid=None) -> Rows:
+    """Per searched cell (`raycnn.search.summary` rows, several searches laid together): the
+    report, the grid's number from the `grid` trial rows (repeats folded; NaN where not run),
+    the tuned re-run and what the search spent."""
+    cells = {c["name"]: c for c in fold_repeats(grid)} if grid is not None and len(grid) else {}
+    out = []
+    for s in searched:
+        g = cells.get(s["name"], {})
+        out.append(s | {"grid_mean": g.get("ours_mean", math.nan), "grid_std": g.get("ours_std", math.nan),
+                        "grid_n": g.get("n", 0), "grid_budget": g.get("budget", ""),
+                        "tuned_diff": s["tuned_mean"] - s["report_acc"]})
+    return out
+
+
+def _budget_tag(budget) -> str:
+    return f" [{budget}]" if isinstance(budget, str) and budget and budget != "full" else ""
+
+
+def search_cells(view: Rows) -> list[list[str]]:
+    """The search view's rows as text cells (search_header's), percentages; a re-run's seeds are
+    named where the header does not say them all ("(2 of 3 seeds)": one not run yet)."""
+    out, header_seeds = [], _planned_seeds(view)
+    for r in view:
+        grid = MISSING if missing(r["grid_mean"]) else (
+            _mean_std(r["grid_mean"], r["grid_std"], r["grid_n"]) + _budget_tag(r["grid_budget"]))
+        seeds = "" if r["tuned_n"] == header_seeds else f" ({r['tuned_n']} of {r['repeats']} seeds)"
+        tuned = MISSING if missing(r["tuned_mean"]) else (
+            _mean_std(r["tuned_mean"], r["tuned_std"], r["tuned_n"]) + seeds + _budget_tag(r["tuned_budget"]))
+        out.append([r["name"], _pct(r["report_acc"], 0), grid, tuned, r["best_config"] or MISSING,
+                    f"{r['epochs_search']} + {r['epochs_rerun']}"])
+    return out
+
+
+def search_sheet(view: Rows) -> Sheet:
+    """The search view as a Sheet; the tuned cell coloured by |tuned - report| as the grids are."""
+    header = search_header(view)
+    sheet = Sheet(header, title="Searched cells", caption=SEARCH_LEGEND,
+                  justify={c: "right" for c in header[1:4] + header[5:]}, drop=("epochs spent", "grid (ours)"))
+    sheet.rows = [cells[:3] + [(cells[3], _style(r["tuned_diff"]))] + cells[4:]
+                  for cells, r in zip(search_cells(view), view)]
+    return sheet
+
+
+def _search_markdown(view: Rows) -> str:
+    lines = [SEARCH_LEGEND, "", "| " + " | ".join(search_header(view)) + " |", "|" + "---|" * len(SEARCH_HEADER)]
+    return "\n".join(lines + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in search_cells(view)]) + "\n"
+
+
+def _search_csv(view: Rows) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(SEARCH_COLUMNS)
+    writer.writerows([["" if missing(r[k]) else r[k] for k in SEARCH_COLUMNS] for r in view])
+    return out.getvalue()
+
+
+def _search_json(view: Rows) -> str:
+    return json.dumps([{k: _plain(r[k]) for k in SEARCH_COLUMNS} for r in view], indent=1) + "\n"
+
+
+SEARCH_RENDERERS: dict[str, Callable[[Rows], str]] = {"markdown": _search_markdown, "csv": _search_csv,
+                                                      "json": _search_json}
+
+
+def render_search(view: Rows, fmt: str) -> str:
+    """The search view as markdown (one table), or csv / json (SEARCH_COLUMNS, fractions)."""
+    if fmt not in SEARCH_RENDERERS:
+        raise ResultsError(f"unknown format {fmt!r}; choose from {', '.join(SEARCH_RENDERERS)}")
+    return SEARCH_RENDERERS[fmt](view)

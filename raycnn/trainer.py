@@ -124,6 +124,8 @@ def build_training(config: TrainConfig, arrays: datafiles.Arrays | None = None) 
     scheduler = SCHEDULERS[config.scheduler](optimizer, config) if optimizer else None
     pipeline = build_pipeline(config, device)
     arrays = datafiles.hold_out(arrays if arrays is not None else datafiles.load(config), config.val_fraction)
+    if not config.evaluate_test:     # a search sample: the test images never reach its device
+        arrays = datafiles.without_test(arrays)
     data = augment.DeviceData.from_arrays(arrays, device)
     return Training(config, device, precision, layout, model, torch.compile(model) if config.compile else model,
                     optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
@@ -273,7 +275,8 @@ def fit(config: TrainConfig, report: Callable[[dict, Path | None], None] | None 
     best.pt also keeps the best epoch's model. `checkpoint` (a file or folder written earlier)
     resumes the training exactly where it stopped. `arrays` skips reading the dataset (Tune
     passes one shared copy per node). A loss that turns NaN/inf stops the training with status
-    "diverged". Early stopping and the best epoch watch the selection accuracy: the validation
+    "diverged". With `evaluate_test` false (a search sample) the test split is dropped before
+    anything reaches the device and every test metric is NaN. Early stopping and the best epoch watch the selection accuracy: the validation
     split's where `val_fraction` holds one out, else the test set's, as the report did.
 
     Reports also carry `resumed` (this call continued from `checkpoint`) and, on the first
@@ -331,7 +334,8 @@ def _train_epoch(training: Training, progress: dict, on_batch) -> tuple[dict, bo
     epoch = progress["epoch"] + 1
     on_step = (lambda step, steps: on_batch(epoch, step, steps)) if on_batch else None
     train = train_one_epoch(training, on_step)
-    test, val = evaluate(training), evaluate(training, "val")
+    test = evaluate(training) if config.evaluate_test else (math.nan, math.nan)
+    val = evaluate(training, "val")
     training.scheduler.step()
     progress["epoch"] = epoch
     chosen = val[1] if config.val_fraction else test[1]

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from raycnn import datafiles
+from raycnn import datafiles, space
 from raycnn.config import TrainConfig
 from raycnn.epoch_progress import ProgressFile
 from raycnn.experiment import trial_folder
@@ -48,6 +48,19 @@ def trainable(param: dict, progress_dir: Place, **shipped) -> None:
     """One trial: fit its plan entry's config, reporting each epoch with its checkpoint to Tune,
     and its progress inside each epoch to a file in `progress_dir` (for the live view)."""
     entry = param["trial"]
+    _train(entry, trial_folder(entry), progress_dir, shipped)
+
+
+def sample(params: dict, cell: dict, progress_dir: Place, **shipped) -> None:
+    """One sample of a search: the cell's sample config (`raycnn.search.cell_plan`: validation
+    split held out, no test evaluation) with the searcher's values, trained as a trial is; its
+    datasets arrive without their test split."""
+    values = space.decode(params, space.from_json(cell["space"]))
+    config = space.apply(TrainConfig.from_dict(cell["config"]), values)
+    _train(cell | {"config": config.to_dict()}, tune.get_context().get_trial_id(), progress_dir, shipped)
+
+
+def _train(entry: dict, progress_name: str, progress_dir: Place, shipped: dict) -> None:
     config = TrainConfig.from_dict(entry["config"]).validate()
     arrays = datafiles.subset(shipped[data_key(config)], config.max_train_samples)
     stamp = _stamp()
@@ -65,7 +78,7 @@ def trainable(param: dict, progress_dir: Place, **shipped) -> None:
                 metrics = metrics | {"warning": metrics["warning"].replace(resume, restored.path)}
             tune.report(metrics | stamp, checkpoint=ckpt)
 
-        on_batch = ProgressFile(progress_dir / f"{trial_folder(entry)}.json", config.batch_size)
+        on_batch = ProgressFile(progress_dir / f"{progress_name}.json", config.batch_size)
         on_batch.remove()     # a restarted trial's old file is not its progress
         try:
             fit(config, report=report, checkpoint=resume, checkpoint_dir=os.path.join(tmp, "ck"), arrays=arrays,

@@ -1,4 +1,5 @@
-"""The Tune driver: every trial of a run's plan runs `raycnn.trial.trainable` as one Tune trial.
+"""The Tune driver: every trial of a run's plan runs `raycnn.trial.trainable` as one Tune trial,
+and every sample of a search (`run_search`) runs `raycnn.trial.sample`, under ASHA.
 
 One Tuner per run; each trial gets `cpus_per_trial` CPUs and a (fractional) GPU share, fitted to
 the cluster's node shapes by `raycnn.cluster`. Datasets and --weights files go into the object
@@ -26,6 +27,7 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
 
 import hashlib
 import logging
+import math
 import stat
 import time
 from contextlib import contextmanager
@@ -37,14 +39,16 @@ import numpy as np
 import ray
 from ray import tune
 from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from raycnn import checkpoint, cluster, datafiles, epoch_progress, experiment, lock, plan, process, ray_trackers, storage
+from raycnn import (checkpoint, cluster, datafiles, epoch_progress, experiment, lock, plan, process, ray_trackers,
+                    search, space, storage)
 from raycnn.config import TrainConfig
 from raycnn.errors import NodeDied, RunError
 from raycnn.experiment import experiment_dir, summary, trial_folder, write_results
 from raycnn.storage import Place
 from raycnn.suites import Trial
-from raycnn.trial import WEIGHTS_KEY, data_key, trainable
+from raycnn.trial import WEIGHTS_KEY, data_key, sample, trainable
 
 
 @dataclass
@@ -256,43 +260,60 @@ def run_trials(trials: list[Trial], opts: RunOptions, view=None, skipped: dict[s
     named in `skipped` are planned but not trained (their rows give the reason). Returns ok |
     errors | interrupted."""
     opts = replace(opts, run_dir=storage.resolve(opts.run_dir))
-    run_dir = opts.run_dir
-    with lock.hold(run_dir):       # first: a second driver must change nothing
-        new = plan.Plan(plan.entries(apply_resources(trials, opts), opts.repeats, skipped))
-        todo = [e for e in new.entries if not e.get("skipped")]
-        with phase(opts.timings, "read data"):
-            objects, new.inputs = shipped(todo)     # before Ray starts: missing data fails fast
-        if opts.resume:
-            _check_resumable(run_dir, new)
-        else:
-            plan.write(run_dir, new)
+    with lock.hold(opts.run_dir):       # first: a second driver must change nothing
+        todo, objects = _prepare(trials, opts, skipped)
         try:
-            with process.output_to_place(run_dir / RAY_LOG):
-                _drive(todo, opts, view, objects)
+            with process.output_to_place(opts.run_dir / RAY_LOG), _ray(opts):
+                _fit_plan(todo, opts, view, objects)
         except NodeDied as e:     # the rows so far are intact: the run is interrupted, not lost
-            if view is not None and hasattr(view, "warn"):
-                view.warn(f"{e}; Ray's log: {run_dir / RAY_LOG}")
+            _warn(view, f"{e}; Ray's log: {opts.run_dir / RAY_LOG}")
         except RunError:          # a run that cannot start leaves nothing behind
             if not opts.resume:
-                for made in (run_dir / RAY_LOG, plan.path(run_dir)):
+                for made in (opts.run_dir / RAY_LOG, plan.path(opts.run_dir)):
                     made.unlink()
             raise
-        # No trial runs now; what a killed one left is not progress of anything.
-        epoch_progress.folder(run_dir).rmtree()
-        with phase(opts.timings, "write results"):
-            trial_rows, _ = write_results(run_dir)
+        return _finish(opts, todo)
+
+
+def _prepare(trials: list[Trial], opts: RunOptions, skipped: dict[str, str] | None = None) -> tuple[list, dict]:
+    """The run's plan, written (or checked against the saved one on resume), its entries to
+    train and the objects they need."""
+    new = plan.Plan(plan.entries(apply_resources(trials, opts), opts.repeats, skipped))
+    todo = [e for e in new.entries if not e.get("skipped")]
+    with phase(opts.timings, "read data"):
+        objects, new.inputs = shipped(todo)     # before Ray starts: missing data fails fast
+    if opts.resume:
+        _check_resumable(opts.run_dir, new)
+    else:
+        plan.write(opts.run_dir, new)
+    return todo, objects
+
+
+def _finish(opts: RunOptions, todo: list[dict]) -> str:
+    """Write the rows and say how the run ended: ok | errors | interrupted."""
+    # No trial runs now; what a killed one left is not progress of anything.
+    epoch_progress.folder(opts.run_dir).rmtree()
+    with phase(opts.timings, "write results"):
+        trial_rows, _ = write_results(opts.run_dir)
     statuses = [r["status"] for r in trial_rows if not r["status"].startswith("skipped")]
     if len(statuses) < len(todo) or "running" in statuses:
         return "interrupted"
     return "errors" if "error" in statuses else "ok"
 
 
-def _check_resumable(run_dir: Place, new: plan.Plan) -> None:
+def _warn(view, line: str) -> None:
+    if view is not None and hasattr(view, "warn"):
+        view.warn(line)
+
+
+def _check_resumable(run_dir: Place, new: plan.Plan | None, exp: Place | None = None) -> None:
     """Refuse, in one line, a resume that would change the run's results, that would unpickle
     state others could have written, or that finds a checkpoint holding code; then cut any
-    result.json line torn by the crash that stopped the run."""
-    plan.check_resume(plan.read(run_dir), new)
-    exp = experiment_dir(run_dir)
+    result.json line torn by the crash that stopped the run. `exp`: another experiment folder
+    of the run than its plan's (a search's cell), whose plan is not checked here."""
+    if new is not None:
+        plan.check_resume(plan.read(run_dir), new)
+    exp = exp or experiment_dir(run_dir)
     # A bucket has no owner and mode to check: who may write there is the bucket policy's
     # matter (docs/cluster.md, Security).
     for folder in (run_dir.local, exp.parent.local, exp.local) if run_dir.local else ():
@@ -301,11 +322,13 @@ def _check_resumable(run_dir: Place, new: plan.Plan) -> None:
             raise RunError(f"{folder} can be written by other users; Tune's state in it is pickled and would run "
                            f"their code on --resume: make it yours and `chmod go-w` it first")
     checkpoint.check_all(exp)
-    experiment.repair(run_dir)
+    experiment.repair(run_dir, exp)
 
 
-def _drive(entries: list[dict], opts: RunOptions, view, objects: dict) -> None:
-    """Connect, place and fit the Tuner; Ray is shut down whatever happens."""
+@contextmanager
+def _ray(opts: RunOptions):
+    """Connected to Ray for the block (a search's cells and its re-run share one connection),
+    every node checked to reach the run folder; Ray is shut down whatever happens."""
     with process.sigterm_as_sigint() as again:
         with phase(opts.timings, "ray start-up"):
             saved = cluster.connect(opts.address, opts.num_cpus, opts.num_gpus)
@@ -313,22 +336,261 @@ def _drive(entries: list[dict], opts: RunOptions, view, objects: dict) -> None:
         try:
             if opts.address:      # a private instance is this machine only, which cli checked
                 cluster.probe(opts.run_dir)
-            params = cluster.place(entries, cluster.shapes(), opts.gpus_per_trial)
-            if view is not None:
-                view.start(params)
-            ACTIVE.update(run_dir=opts.run_dir, view=view, raylet=None if opts.address else _raylet())
-            try:
-                with phase(opts.timings, "tune"):
-                    trackers = ray_trackers.callbacks(opts.log, opts.run_dir)
-                    tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(), *trackers], objects).fit()
-            except Exception as e:
-                if _dead(ACTIVE.get("raylet")) and not isinstance(e, NodeDied):   # Tune may wrap it
-                    raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)") from None
-                raise
-            finally:
-                ACTIVE.clear()
-                if view is not None:
-                    view.stop()
+            yield
         finally:
             with phase(opts.timings, "ray shutdown"):
                 cluster.disconnect(saved)
+
+
+@contextmanager
+def _fitting(opts: RunOptions, view, params: list[dict], **active):
+    """The block fits a Tuner: the live view runs, the callbacks find the driver's state in
+    ACTIVE, and a dead Ray node under the driver surfaces as NodeDied."""
+    if view is not None:
+        view.start(params)
+    ACTIVE.update(run_dir=opts.run_dir, view=view, raylet=None if opts.address else _raylet(), **active)
+    try:
+        with phase(opts.timings, "tune"):
+            yield
+    except Exception as e:
+        if _dead(ACTIVE.get("raylet")) and not isinstance(e, NodeDied):   # Tune may wrap it
+            raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)") from None
+        raise
+    finally:
+        ACTIVE.clear()
+        if view is not None:
+            view.stop()
+
+
+def _fit_plan(entries: list[dict], opts: RunOptions, view, objects: dict) -> None:
+    """Place and fit the Tuner of a run's plan."""
+    params = cluster.place(entries, cluster.shapes(), opts.gpus_per_trial)
+    with _fitting(opts, view, params):
+        trackers = ray_trackers.callbacks(opts.log, opts.run_dir)
+        tuner(params, opts, [JsonLoggerCallback(), ResultsCallback(), *trackers], objects).fit()
+
+
+# ---------------------------------------------------------------- search
+
+def run_search(doc: dict, trials: dict[str, Trial], opts: RunOptions, view=None) -> str:
+    """`raycnn search`: each cell of the search plan `doc` (raycnn.search) searched under ASHA,
+    then the best configs re-run with fresh seeds as a run's plan; or the search at
+    opts.run_dir resumed. `trials` are the cells as suite trials, by name. Returns ok | errors |
+    interrupted."""
+    opts = replace(opts, run_dir=storage.resolve(opts.run_dir))
+    with lock.hold(opts.run_dir):
+        objects, doc["inputs"] = _sample_objects(doc)
+        doc = _search_plan(doc, opts)
+        outcome = "interrupted"
+        try:
+            with process.output_to_place(opts.run_dir / RAY_LOG), _ray(opts):
+                for cell in [c for c in doc["cells"] if not c.get("best")]:
+                    if not _search_cell(doc, cell, opts, view, objects):
+                        return outcome
+                _settle(opts)
+                rerun = replace(opts, repeats=doc["settings"]["repeats"], resume=plan.path(opts.run_dir).exists())
+                todo, rerun_objects = _prepare(search.rerun_trials(doc, trials), rerun)
+                if todo:          # no cell found a config: nothing to re-run
+                    _fit_plan(todo, rerun, view, rerun_objects)
+            outcome = _finish(opts, todo)
+        except NodeDied as e:
+            _warn(view, f"{e}; Ray's log: {opts.run_dir / RAY_LOG}")
+        finally:         # also on Ctrl-C: the samples so far are rows
+            search.write_samples(opts.run_dir)
+            epoch_progress.folder(opts.run_dir).rmtree()
+        return outcome
+
+
+def _settle(opts: RunOptions, limit_s: float = 120.0) -> None:
+    """On a private Ray, wait (at most limit_s) until the samples' workers have given their CPUs
+    back: they exit after their Tuner ends, and a busy machine can take a while, during which
+    the re-run's trials would wait for resources."""
+    end = time.monotonic() + limit_s
+    while opts.address is None and time.monotonic() < end:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.5)
+
+
+def _search_plan(doc: dict, opts: RunOptions) -> dict:
+    """The search's plan: written, or on --resume the saved one (with the bests found so far),
+    refused in one line where the command line would plan another search."""
+    if not opts.resume:
+        search.write(opts.run_dir, doc)
+        return doc
+    saved = search.read(opts.run_dir)
+    search.check_resume(saved, doc)
+    for cell in saved["cells"]:
+        exp = search.experiment_dir(opts.run_dir, cell)
+        if exp.exists() and not cell.get("best"):
+            _check_resumable(opts.run_dir, None, exp)
+    return saved
+
+
+def _sample_objects(doc: dict) -> tuple[dict, dict]:
+    """What the samples get through the object store: their datasets without the test split
+    (a sample cannot read what it was never sent); and the digests of the data."""
+    objects, digests = shipped(doc["cells"])
+    return {k: datafiles.without_test(v) if isinstance(v, datafiles.Arrays) else v for k, v in objects.items()}, digests
+
+
+# The searcher's view of a domain (raycnn.space.Domain), by kind; choices as JSON text.
+TUNE_DOMAINS = {
+    "loguniform": lambda values: tune.loguniform(*values),
+    "uniform": lambda values: tune.uniform(*values),
+    "choice": lambda values: tune.choice([space.encode(v) for v in values]),
+}
+
+
+def _optuna(seed: int):
+    import optuna                                        # the `search` extra
+    from ray.tune.search.optuna import OptunaSearch
+    optuna.logging.set_verbosity(optuna.logging.WARNING)   # its per-study lines are not the user's news
+    return OptunaSearch(seed=seed)
+
+
+def _random(seed: int):
+    from ray.tune.search import BasicVariantGenerator
+    return BasicVariantGenerator(random_state=seed)
+
+
+SEARCHERS = {"optuna": _optuna, "random": _random}
+
+
+def _search_cell(doc: dict, cell: dict, opts: RunOptions, view, objects: dict) -> bool:
+    """Search one cell (a new Tuner, or its interrupted one restored); True when it ended by
+    itself (every sample run, or the epochs cap reached), with its best sample in the plan."""
+    settings, exp = doc["settings"], search.experiment_dir(opts.run_dir, cell)
+    [placed] = cluster.place([cell], cluster.shapes(), opts.gpus_per_trial)
+    fn = tune.with_resources(tune.with_parameters(sample, cell=placed, progress_dir=epoch_progress.folder(opts.run_dir),
+                                                  **objects),
+                             tune.PlacementGroupFactory([{"CPU": placed["cpus"], "GPU": placed["gpus"]}]))
+    rows, epoch_rows = search.sample_rows(opts.run_dir, cell | {"metric": settings["metric"]})
+    active = dict(cell=cell | {"metric": settings["metric"]}, exp=exp, budget=cell["budget"],
+                  spent={r["folder"]: r["epochs_done"] for r in rows}, reported=_reported(rows, epoch_rows, settings))
+    with _fitting(opts, view, [], **active):
+        if tune.Tuner.can_restore(exp.path, storage_filesystem=exp.fs):
+            tuner_ = tune.Tuner.restore(exp.path, fn, resume_unfinished=True, resume_errored=True,
+                                        storage_filesystem=exp.fs)
+        else:
+            tuner_ = _search_tuner(fn, cell, settings, opts, exp)
+        tuner_.fit()
+    rows, _ = search.sample_rows(opts.run_dir, cell | {"metric": settings["metric"]})
+    ended = rows and all(r["stop"] != "running" for r in rows) and (
+        len(rows) >= cell["samples"] or sum(r["epochs_done"] for r in rows) >= cell["budget"])
+    if not ended:
+        return False
+    chosen = search.best(rows, search.METRICS[settings["metric"]])
+    cell["best"] = None if chosen is None else {
+        "sample": chosen["sample"], "folder": chosen["folder"], "epochs_done": chosen["epochs_done"],
+        "metric_value": chosen["metric_value"], "values": {k: chosen[k] for k in chosen["searched"].split(",")}}
+    search.write(opts.run_dir, doc)
+    return True
+
+
+def _reported(rows: list[dict], epoch_rows: list[dict], settings: dict) -> dict[str, list[tuple]]:
+    """What each sample of a cell reported so far, by folder: (epoch, metric) per epoch, in order
+    (RungScheduler replays them into ASHA's record when a search is resumed)."""
+    folders = {r["sample"]: r["folder"] for r in rows}
+    out: dict[str, list[tuple]] = {}
+    for e in sorted(epoch_rows, key=lambda e: (e["sample"], e["epoch"])):
+        out.setdefault(folders[e["sample"]], []).append((e["epoch"], e[settings["metric"]]))
+    return out
+
+
+def _search_tuner(fn, cell: dict, settings: dict, opts: RunOptions, exp: Place) -> tune.Tuner:
+    """A new Tuner for one cell's samples: ASHA over the epochs, the searcher, the epochs cap."""
+    epochs = cell["config"]["epochs"]
+    return tune.Tuner(
+        fn,
+        param_space={k: TUNE_DOMAINS[d.kind](d.values) for k, d in space.from_json(cell["space"]).items()},
+        tune_config=tune.TuneConfig(
+            metric=settings["metric"], mode=search.METRICS[settings["metric"]], num_samples=cell["samples"],
+            scheduler=RungScheduler(time_attr="epoch", max_t=epochs, grace_period=cell["grace"],
+                                    reduction_factor=cell["reduction_factor"]),
+            search_alg=SEARCHERS[settings["searcher"]](settings["seed"]),
+            max_concurrent_trials=opts.max_concurrent, trial_dirname_creator=_sample_dirname),
+        run_config=tune.RunConfig(
+            name=exp.name, storage_path=exp.parent.path, storage_filesystem=exp.fs, verbose=0, stop=EpochsCap(),
+            callbacks=[JsonLoggerCallback(), SearchCallback()],
+            failure_config=tune.FailureConfig(max_failures=opts.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _sample_dirname(trial) -> str:
+    return search.sample_folder(trial.experiment_tag)
+
+
+class RungScheduler(ASHAScheduler):
+    """Tune's ASHA, which also notes each sample it stops before its last epoch (the rows' stop
+    reason "asha"), and which a resumed search gives back its record of the rungs. Holds nothing
+    but ASHA's state: the experiment folder and the samples' reports are the running driver's
+    (ACTIVE), as for ResultsCallback."""
+
+    def on_trial_add(self, tune_controller, trial):
+        """Tune saves no scheduler state, so a restored search's ASHA starts with empty rungs, and
+        its next samples would be compared only with those reported since. Each sample's reports
+        so far are replayed into its bracket, as ASHA recorded them (its decisions were taken then)."""
+        super().on_trial_add(tune_controller, trial)
+        bracket = self._trial_info[trial.trial_id]
+        for epoch, value in ACTIVE.get("reported", {}).get(_sample_dirname(trial), []):
+            if value is not None:          # a report without the metric: ASHA skips it too
+                bracket.on_result(trial, epoch, self._metric_op * value)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP and result.get("epoch", 0) < self._max_t and "exp" in ACTIVE:
+            search.record_stop(ACTIVE["exp"], _sample_dirname(trial), result["epoch"])
+        return decision
+
+
+class EpochsCap(tune.Stopper):
+    """--budget: the whole search stops once its samples have trained the cell's cap of epochs.
+    Tune asks `stop_all` after each result it takes in, one at a time, so no epoch reported
+    after the cap is reached is taken. The count is the running driver's (ACTIVE, kept by
+    SearchCallback; on resume it starts from the samples' rows), so it survives a restore."""
+
+    def __call__(self, trial_id, result) -> bool:
+        return False              # a single sample is ASHA's to stop
+
+    def stop_all(self) -> bool:
+        return sum(ACTIVE.get("spent", {}).values()) >= ACTIVE.get("budget", math.inf)
+
+
+class SearchCallback(ResultsCallback):
+    """ResultsCallback for a search's samples: counts the epochs each sample trained (for
+    EpochsCap), shows each sample's epoch and rung in the live view, and rewrites the samples'
+    Parquet files as samples end."""
+
+    def _meta(self, trial) -> dict:
+        cell, folder = ACTIVE["cell"], _sample_dirname(trial)
+        return {"name": cell["name"], "repeat": int(folder.split("-")[1]), "order": cell["order"],
+                "folder": trial.trial_id, "rungs": cell["rungs"], "config": cell["config"]}
+
+    def _show(self, trial, result: dict, method: str = "update") -> None:
+        view = ACTIVE.get("view")
+        if view is not None and hasattr(view, method) and "cell" in ACTIVE:
+            getattr(view, method)(self._meta(trial), result)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        spent = ACTIVE.setdefault("spent", {})
+        folder = _sample_dirname(trial)
+        spent[folder] = max(spent.get(folder, 0), result.get("epoch", 0))
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not (trial.last_result or {}).get("finished"):     # ASHA or the epochs cap stopped it
+            self._show(trial, {"status": "stopped"})
+        super().on_trial_complete(iteration, trials, trial, **info)
+
+    def on_step_begin(self, iteration, trials, **info):
+        if _dead(ACTIVE.get("raylet")):
+            raise NodeDied("the local Ray node died (its raylet is gone: killed, or out of memory)")
+
+    def _write(self) -> None:
+        if "run_dir" not in ACTIVE:
+            return
+        try:
+            search.write_samples(ACTIVE["run_dir"])
+        except Exception as e:   # never let a results hiccup stop the search; the end rewrites
+            logging.getLogger("raycnn").warning("could not write samples yet: %s", e)

@@ -139,3 +139,66 @@ def interrupted(tmp_path_factory):
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+
+
+# A one-cell suite for `raycnn search`: 4 epochs on 540 training images (60 held out for
+# validation), 8 samples over lr and momentum under ASHA (grace 1, factor 3: rungs at epochs 1
+# and 3), a re-run of the best config with 2 seeds.
+SEARCH_SUITE = """
+[suite]
+name = "tiny"
+cpus_per_trial = 1
+table = "Tiny searches"
+
+[defaults]
+model = "mnist_base"
+epochs = 4
+optimizer = "sgd"
+lr = 0.01
+momentum = 0.9
+eval_batch_size = 1000
+
+[[trials]]
+name = "sgd"
+row = "SGD"
+report = 90
+
+[search]
+samples = 8
+grace = 1
+reduction_factor = 3
+val_fraction = 0.1
+repeats = 2
+
+[search.optimizer.sgd]
+lr = { around = 10 }
+momentum = { uniform = [0.0, 0.95] }
+"""
+# The epochs cap of the searched fixture: below what 8 samples train even if ASHA stopped all but
+# the first at the first rung (4 + 7 x 1 = 11), so the cap must end the search.
+SEARCH_BUDGET = 10
+
+
+def search_files(root: Path) -> tuple[Path, Path]:
+    """The tiny suite file and a data root with MNIST-format files (600 training, 100 test images)."""
+    (root / "tiny.toml").write_text(SEARCH_SUITE)
+    make_mnist(root / "data", n_train=600, n_test=100)
+    return root / "tiny.toml", root / "data"
+
+
+@pytest.fixture(scope="session")
+def searched(tmp_path_factory):
+    """`raycnn search` of the tiny cell run to the end, one sample at a time (so ASHA's decisions
+    are reproducible): (its run folder, the process result)."""
+    tmp = tmp_path_factory.mktemp("searched")
+    suite, data = search_files(tmp)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
+    try:
+        from support import raycnn
+        done = raycnn("search", "tiny/*", "--suite", suite, "--data-dir", data, "--budget", SEARCH_BUDGET,
+                      "--results-dir", tmp / "runs", "--name", "s", "--num-cpus", "2", "--max-concurrent", "1",
+                      env=cli_env(ray_tmp), timeout=1500)
+        assert done.returncode == 0, done.stderr[-3000:]
+        yield tmp / "runs" / "s", done
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -115,6 +115,31 @@ def _bad_suite(line: str, message: str) -> tuple:
     return (lambda t, r: ("run", _suite(t, line), *SYN, "--results-dir", r), 2, message, False, {})
 
 
+SEARCH_SUITE = BAD_SUITE.format(head="", extra="") + "\n[search]\n"
+
+
+def _bad_space(lines: str, message: str, *options: str, suite_search: str | None = None) -> tuple:
+    """A CASES entry: `raycnn search` of the one-trial suite, whose [search] table has `lines`
+    (optimizer sgd), must exit 2 with `message`, before Ray; `suite_search` replaces the whole table."""
+    def argv(t: Path, r: Path) -> tuple:
+        table = suite_search if suite_search is not None else f"[search.optimizer.sgd]\n{lines}\n"
+        path = _write(t, BAD_SUITE.format(head="", extra="") + table)
+        return ("search", "bad/*", "--suite", path, *SYN, *options, "--results-dir", r)
+    return (argv, 2, message, False, {})
+
+
+def _other_samples(t: Path, r: Path) -> tuple:
+    """A search planned with 5 samples (its folder outside the results checked), resumed with --samples 3."""
+    from raycnn import search, suites
+    path = _write(t, SEARCH_SUITE + "[search.optimizer.sgd]\nlr = { around = 10 }\n")
+    suite = suites.load(path)
+    settings = {"metric": "val_acc", "seed": 0, "repeats": None, "samples": 5, "grace": None, "val_fraction": None,
+                "budget": None}
+    search.write(t / "searches" / "old", search.plan_doc(suite.trials, {"bad": suite.search}, settings, "optuna"))
+    return ("search", "bad/*", "--suite", path, *SYN, "--samples", "3", "--results-dir", t / "searches", "--name", "old",
+            "--resume")
+
+
 # id: (argv after `raycnn`, or a function (tmp, results_dir[, request]) -> argv; exit code; stderr
 #      must contain; Ray may start; extra environment)
 CASES = {
@@ -225,6 +250,41 @@ CASES = {
     "missing-weights-file": (lambda t, r: ("run", "pretrained", "--filter", "pretrained/zero-shot", *SYN, "--weights",
                                            t / "none.pth", "--results-dir", r), 2, "none.pth: no such file", False, {}),
     "unknown-command": (lambda t, r: ("fly",), 2, "argument command: invalid choice: 'fly'", False, {}),
+    # raycnn search: spaces, options
+    "search-unknown-domain": _bad_space("lr = { logu = [0.001, 0.1] }", "bad.toml: [search.optimizer.sgd]: lr: unknown domain 'logu'"),
+    "search-unsearchable-field": _bad_space("epochs = { choice = [1, 2] }", "[search.optimizer.sgd]: epochs cannot be searched"),
+    "search-bounds-reversed": _bad_space("lr = { loguniform = [0.1, 0.001] }", "lr: loguniform must be [lo, hi] with 0 < lo < hi"),
+    "search-around-not-a-factor": _bad_space("lr = { around = 0.5 }", "lr: around must be a factor > 1"),
+    "search-uniform-on-a-whole-number": _bad_space("crop_padding = { uniform = [0, 4] }", "crop_padding is not a float field"),
+    "search-two-domains": _bad_space("lr = { uniform = [0.1, 0.2], around = 10 }", "lr must be one domain"),
+    "search-end-does-not-fit": _bad_space("momentum = { uniform = [-1.0, 0.5] }",
+                                          "[search.optimizer.sgd]: momentum = -1.0 does not fit bad/one: momentum and weight_decay must not be negative"),
+    "search-unknown-optimizer": _bad_space("", "unknown optimizer 'rmsprop' in [search.optimizer.rmsprop]",
+                                           suite_search="[search.optimizer.rmsprop]\nlr = { around = 10 }\n"),
+    "search-samples-not-a-number": _bad_space("", "[search]: samples must be a whole number >= 1, got 'many'",
+                                              suite_search='[search]\nsamples = "many"\n'),
+    "search-unknown-setting": _bad_space("", "[search]: unknown key 'trials_per_cell'", suite_search="[search]\ntrials_per_cell = 3\n"),
+    "search-nothing-to-search": _bad_space("", "[search] declares nothing to search for bad/one", suite_search="[search]\n"),
+    "search-no-space-declared": _bad_space("", "suite bad", suite_search=""),
+    "search-space-file-missing": (lambda t, r: ("search", "bad/*", "--suite", _write(t, SEARCH_SUITE), "--space",
+                                                t / "none.toml", *SYN, "--results-dir", r), 2, "none.toml: cannot read search space", False, {}),
+    "search-on-the-test-set": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", "--metric", "test_acc", *SYN,
+                                             "--results-dir", r), 2, "argument --metric: invalid choice: 'test_acc'", False, {}),
+    "search-val-fraction-all": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", "--val-fraction", "1", *SYN,
+                                              "--results-dir", r), 2, "--val-fraction must be in (0, 1), got 1.0", False, {}),
+    "search-zero-budget": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", "--budget", "0", *SYN, "--results-dir", r),
+                           2, "--budget must be positive, got 0", False, {}),
+    "search-zero-samples": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", "--samples", "0", *SYN, "--results-dir", r),
+                            2, "--samples must be positive, got 0", False, {}),
+    "search-cell-matches-nothing": (lambda t, r: ("search", "mnist/nonet/*", *SYN, "--results-dir", r), 2,
+                                    "CELL-GLOB mnist/nonet/* matches no cell of all", False, {}),
+    "search-pretrained": (lambda t, r: ("search", "pretrained/*", *SYN, "--results-dir", r), 2,
+                          "the pretrained cells cannot be searched", False, {}),
+    "search-resume-with-other-samples": (_other_samples, 2, "--resume with other options than the search started "
+                                         "with would change its results: --data-dir (other data), --samples, the "
+                                         "cell's config", False, {}),
+    "search-resume-nothing": (lambda t, r: ("search", "mnist/base/sgd/lr0.01", *SYN, "--results-dir", r, "--name", "nope",
+                                            "--resume"), 2, "no run to resume", False, {}),
     # reading commands
     "table-of-nothing": (lambda t, r: ("table", r / "nosuch"), 2, "no results:", False, {}),
     "table-of-a-broken-file": (lambda t, r: ("table", r / "prev"), 2, "cannot read", False, {}),

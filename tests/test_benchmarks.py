@@ -151,6 +151,31 @@ def test_layout_both_formats_alternating(tmp_path, precision, file):
     assert "NCHW / channels_last" in out.stdout
 
 
+def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
+    """benchmarks/search_cost.py at a tiny size: the tiny search suite at 2 epochs (one rung, at
+    epoch 1), 3 samples, one seed, on MNIST-format random files. Three raycnn commands, each
+    starting its own Ray: a longer limit than the other scripts'."""
+    from conftest import search_files
+    suite, data = search_files(tmp_path)
+    env = dict(os.environ, COLUMNS="200", RAY_AIR_NEW_OUTPUT="0")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "search_cost.py"), "tiny/sgd", "--suite", str(suite),
+                          "--data-dir", str(data), "--samples", "3", "--epochs", "2", "--repeats", "1", "--num-cpus", "2",
+                          "--max-concurrent", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "speed")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=2400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "speed" / "search-cost.parquet").set_index("path")
+    assert list(df.index) == ["asha", "grid"] and (df["samples"] == 3).all() and (df["seeds"] == 1).all()
+    assert df.loc["grid", "sample_epochs"] == 3 * 2                       # every sample to its last epoch
+    assert df.loc["asha", "sample_epochs"] <= df.loc["grid", "sample_epochs"]
+    assert (df["rerun_epochs"] == 2).all() and df["rerun_acc_mean"].between(0, 1).all() and (df["wall_s"] > 0).all()
+    asha = pd.read_parquet(tmp_path / "work" / "asha" / "samples.parquet")
+    grid = pd.read_parquet(tmp_path / "work" / "grid" / "trials.parquet")
+    assert sorted(asha["lr"]) == sorted(grid["lr"])                          # the same samples, trained in full
+    assert not grid["evaluate_test"].any() and (grid["val_fraction"] == 0.1).all()   # selected as the search does
+    ratio = df.loc["grid", "sample_epochs"] / df.loc["asha", "sample_epochs"]
+    assert df["epochs_ratio"].iloc[0] == pytest.approx(ratio) and f"{ratio:.2f}x the epochs" in out.stdout
+
+
 def test_roofline_levels_ratios_and_packing(tmp_path):
     # The trials at the test's own priority: at Ray's default (nice 15 on top of it) they can wait
     # for minutes behind other work on a loaded machine.

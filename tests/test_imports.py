@@ -16,7 +16,8 @@ RAY_MODULES = {"raycnn.tune", "raycnn.trial", "raycnn.cluster", "raycnn.ray_trac
 # What `raycnn list/table/compare/report/plot` and `--help` import: none of them may bring torch.
 READING = ["raycnn.cli", "raycnn.config", "raycnn.suites", "raycnn.results", "raycnn.tables", "raycnn.report",
            "raycnn.plots", "raycnn.screen", "raycnn.experiment", "raycnn.plan", "raycnn.outcome", "raycnn.errors",
-           "raycnn.files", "raycnn.storage", "raycnn.lock", "raycnn.provenance", "raycnn.datafiles", "raycnn.epoch_progress"]
+           "raycnn.files", "raycnn.storage", "raycnn.lock", "raycnn.provenance", "raycnn.datafiles", "raycnn.epoch_progress",
+           "raycnn.space", "raycnn.search", "raycnn.search_plots"]
 
 
 def _imported(modules: list[str], prefix: str) -> list[str]:
@@ -35,6 +36,11 @@ def test_only_the_ray_modules_import_ray():
     assert set(READING) <= set(others) and {"raycnn.trainer", "raycnn.models", "raycnn.augment"} <= set(others)
     assert _imported(others, "ray") == []
     assert _imported(["raycnn.cluster"], "ray")        # and the check sees Ray where it is imported
+
+
+def test_optuna_lives_in_the_ray_modules_only():
+    modules = sorted(f"raycnn.{m.name}" for m in pkgutil.iter_modules(raycnn.__path__))
+    assert _imported([m for m in modules if m not in RAY_MODULES], "optuna") == []
 
 
 @pytest.mark.parametrize("modules", [READING, ["raycnn.cli"]])

@@ -264,3 +264,40 @@ def test_report_on_a_run_with_skipped_and_failed_cells(mixed_run, tmp_path, fmt,
     assert "Mixed outcomes: learning curves" in page and plots.REPRODUCTION_TITLE in page
     figures = page.count("data:image/png;base64,") if fmt == "html" else len(list(out.parent.glob("page_files/*.png")))
     assert figures == 2
+
+
+def test_report_of_a_search_in_a_browser(searched, tmp_path):
+    """A search's folder beside a grid run: the grid's tables as before, and a section of the
+    searched cells (report | grid | tuned | best config | epochs) with each cell's figure: the
+    samples in parallel coordinates, the rung survivors' curves, the metric against lr."""
+    from raycnn import search, search_plots
+    run, _ = searched
+    page = report.to_html(report.collect([str(run), str(RESULTS / "mnist-all-1ep")]))
+    assert "<script" not in page
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.replace("</body>", CHECK + "</body>"))
+    done = _browser("--virtual-time-budget=5000", "--dump-dom", checked.as_uri())
+    dom = done.stdout
+    assert done.returncode == 0 and "</html>" in dom, done.stderr[-2000:]
+    section = dom.split(f"<h2>{report.SEARCH_TITLE}</h2>", 1)[1].split("<h2>", 1)[0]
+    header = re.findall(r"<th>([^<]*)</th>", section.split("</thead>", 1)[0])
+    assert header == ["cell", "report", "grid (ours)", "tuned (2-seed re-run)", "best config", "epochs spent"]
+    [row] = re.findall(r"<tr><td>tiny/sgd</td>(.*?)</tr>", section)
+    cells = [html.unescape(c) for c in re.findall(r"<td>([^<]*)</td>", row)]
+    samples, epochs = search.load_samples(run)
+    assert cells[0] == "90" and cells[1] == "—" and re.fullmatch(r"\d+\.\d ± \d+\.\d", cells[2]) and cells[3].startswith("lr=")
+    assert cells[4] == f"{samples['epochs_done'].sum()} + 8"
+    figures = re.findall(r'<figure class="report-figure" data-search="([^"]*)"><img alt="([^"]*)"[^>]*'
+                         r'data-decoded="([^"]*)"[^>]*><figcaption>([^<]*)</figcaption>', section)
+    assert [(key, alt) for key, alt, _, _ in figures] == [("tiny/sgd", "tiny/sgd: search")]
+    width, height = map(int, figures[0][2].split("x"))
+    assert width == 1080 and 250 < height < width and "parallel coordinates" in figures[0][3]
+    assert page.count('class="report-table"') >= 2              # the grid run's tables are still there
+
+    [figure] = search_plots.figures(search.read(run), samples, epochs)
+    parallel, survivors, against = figure.draw().axes
+    assert sum(len(line.get_xdata()) == 3 for line in parallel.get_lines()) == len(samples)   # lr, momentum, metric
+    passed = samples[samples["epochs_done"] > search.read(run)["cells"][0]["rungs"][0]]
+    assert [line.get_label() for line in survivors.get_lines() if line.get_label().startswith("sample")] == \
+        [f"sample {s}" for s in passed["sample"]]
+    assert len(against.collections[0].get_offsets()) == len(samples) and against.get_xscale() == "log"
