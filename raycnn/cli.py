@@ -132,7 +132,7 @@ def prepare_run_dir(args) -> tuple[Place, list[Place]]:
     """RESULTS_DIR/RUN (a local folder, or a URI such as s3://BUCKET/PATH), refusing to overwrite
     an existing run unless --resume, and one that cannot be written; also the folders this call
     created (innermost first), for `discard` to take back if the run cannot start."""
-    from raycnn import plan, storage
+    from raycnn import storage
     if args.name in ("", ".", "..") or Path(args.name).name != args.name:
         raise OptionError(f"--name {args.name!r}: must be a plain folder name")
     run_dir = storage.resolve(args.results_dir) / args.name

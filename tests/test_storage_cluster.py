@@ -221,3 +221,27 @@ def test_a_results_location_one_node_cannot_reach_fails_before_any_trial(tmp_pat
             assert "ACCESS_DENIED" in line
             # Nothing left: no trial started, and the run folder was taken back.
             assert list(shared.iterdir()) == [] and _listing(admin, "bkt") == []
+
+
+# ---------------------------------------------------------------- a search in a bucket
+
+def test_a_search_in_a_bucket_reads_like_the_same_search_on_disk(tmp_path, ray_tmp):
+    """`raycnn search` writes its plan, its samples' Tune experiment, their rows and the re-run
+    into the bucket, and `table` reads the search there as it reads its copy on this disk."""
+    from conftest import SEARCH_BUDGET, search_files
+    suite, data = search_files(tmp_path)
+    with s3_server() as s3:
+        s3.admin().create_dir("bkt")
+        env = cli_env(ray_tmp, **s3.env)
+        done = raycnn("search", "tiny/*", "--suite", suite, "--data-dir", data, "--budget", SEARCH_BUDGET,
+                      "--samples", "3", "--repeats", "1", "--results-dir", "s3://bkt/runs", "--name", "s",
+                      "--num-cpus", "2", "--max-concurrent", "1", env=env, timeout=1500)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        names = [p[len("bkt/runs/s/"):] for p in _listing(s3.admin(), "bkt/runs/s")]
+        for made in ("search.json", "samples.parquet", "sample_epochs.parquet", "plan.json", "trials.parquet"):
+            assert made in names, names
+        assert any(n.startswith("tune/search-tiny-sgd/sample-001/") for n in names), names
+        pafs.copy_files("bkt/runs/s", str(tmp_path / "copy" / "s"), source_filesystem=s3.admin())
+        tables = [raycnn("table", run, "--format", "csv", env=env) for run in ("s3://bkt/runs/s", tmp_path / "copy" / "s")]
+        assert [t.returncode for t in tables] == [0, 0] and tables[0].stdout == tables[1].stdout, tables[0].stderr
+        assert "tiny/sgd" in tables[0].stdout and "lr=" in tables[0].stdout
