@@ -167,8 +167,30 @@ def autoscaler_types() -> list[Shape]:
     if config is not None and config.node_group_configs:
         return [{k: float(v) for k, v in g.resources.items() if k in ("CPU", "GPU")}
                 for g in config.node_group_configs if g.max_count != 0]
+    if os.environ.get("RAY_CLUSTER_NAME") and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kuberay_types(os.environ["RAY_CLUSTER_NAME"])
     path = monitor_config(ray.get_runtime_context().gcs_address)
     return types_in(path) if path else []
+
+
+# The namespace of the pod, as Kubernetes projects it into every container with its token.
+NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def kuberay_types(cluster_name: str) -> list[Shape]:
+    """On KubeRay (which sets RAY_CLUSTER_NAME in every Ray container): the worker groups of the
+    RayCluster object, read through Ray's own reader, the one KubeRay's autoscaler sidecar uses,
+    with the head pod's service account (KubeRay lets it read its RayCluster). So a worker
+    group may start from zero pods: its shape is known before its first pod exists. [] where
+    the object cannot be read (the nodes alive are then all raycnn knows)."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import AutoscalingConfigProducer
+    try:
+        namespace = Path(NAMESPACE_FILE).read_text().strip()
+        config = AutoscalingConfigProducer(cluster_name, namespace)()
+    except Exception as e:    # requests' errors, a missing token, an unexpected object: all mean "unknown"
+        logging.getLogger("raycnn").warning("cannot read the RayCluster %s's worker groups: %s", cluster_name, e)
+        return []
+    return types_in(config)
 
 
 def monitor_config(gcs_address: str) -> Path | None:
@@ -191,10 +213,11 @@ def _same_port(a: str, b: str) -> bool:
     return a.rsplit(":", 1)[-1] == b.rsplit(":", 1)[-1] != ""
 
 
-def types_in(path: Path) -> list[Shape]:
-    """The worker node types of an autoscaler config file (cluster.yaml's layout)."""
+def types_in(source: Path | dict) -> list[Shape]:
+    """The worker node types of an autoscaler config (cluster.yaml's layout): a file, or the
+    config itself."""
     try:
-        config = yaml.safe_load(Path(path).read_text())
+        config = source if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
         types = config["available_node_types"]
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return []

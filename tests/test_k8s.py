@@ -8,9 +8,17 @@ expectations (packing, a head without trials, scaling from zero, secrets, the Ra
 from __future__ import annotations
 
 import copy
+import http.server
+import ipaddress
 import json
+import os
 import re
 import shlex
+import ssl
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
@@ -151,19 +159,90 @@ def worker_shape(job: dict) -> dict[str, float]:
 
 
 def test_worker_group_scales_from_zero(job):
-    from raycnn.cluster import place
-    from raycnn.errors import RunError
     spec = cluster(job)
     assert spec["enableInTreeAutoscaling"] is True
     group = gpu_group(job)
-    assert group["minReplicas"] == 0 and group["maxReplicas"] >= 1
-    # raycnn places trials against the nodes alive and the node types it can read; KubeRay's
-    # worker groups are not readable before a worker exists, so the group starts with one.
-    shape, head = worker_shape(job), {"CPU": 0.0}
-    trial = {"cpus": 1, "gpus": 0.125, "config": {}}
-    place([trial], [head] + [shape] * group["replicas"])
-    with pytest.raises(RunError, match="more than any node has"):
-        place([trial], [head])                 # what zero replicas would give
+    assert group["minReplicas"] == 0 and group.get("replicas", 0) == 0 and group["maxReplicas"] >= 1
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key: the loopback API server's, and the client's."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+@contextmanager
+def api_server(objects: dict[str, dict], cert: Path, key: Path):
+    """An HTTPS server on loopback answering GETs of `objects` (by URL path) as the Kubernetes API
+    does; yields (port, the paths asked for)."""
+    asked = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = json.dumps(objects[self.path]).encode() if self.path in objects else b"{}"
+            self.send_response(200 if self.path in objects else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1], asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_gpu_group_is_read_from_the_raycluster_before_its_first_pod(job, tmp_path):
+    """With no worker pod yet, the driver reads the GPU group's shape from the RayCluster object
+    (Ray's own KubeRay reader, over HTTPS, as in a pod of the cluster), so the trials get their
+    GPU share and wait for the autoscaler instead of being placed on CPUs alone."""
+    from raycnn.cluster import place
+    cert, key = _self_signed(tmp_path)
+    (tmp_path / "namespace").write_text("ml\n")
+    name = "raycnn-mnist-abcde"           # KubeRay names the RayJob's cluster after the job
+    raycluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name, "namespace": "ml"},
+                  "spec": cluster(job)}
+    with api_server({f"/apis/ray.io/v1/namespaces/ml/rayclusters/{name}": raycluster}, cert, key) as (port, asked):
+        # As a pod of the cluster sees it: the API server's address, RAY_CLUSTER_NAME (KubeRay
+        # sets it), credentials (a client certificate here, the service account's token there).
+        env = {**os.environ, "KUBERNETES_SERVICE_HOST": "127.0.0.1", "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
+               "RAY_CLUSTER_NAME": name, "RAY_KUBERAY_CA_CERT_PATH": str(cert),
+               "RAY_KUBERAY_CLIENT_CERT_PATH": str(cert), "RAY_KUBERAY_CLIENT_KEY_PATH": str(key)}
+        code = (f"import json; from raycnn import cluster; cluster.NAMESPACE_FILE = {str(tmp_path / 'namespace')!r}; "
+                f"print(json.dumps(cluster.kuberay_types({name!r})))")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    types = json.loads(out.stdout)
+    assert types == [worker_shape(job)] and asked == [f"/apis/ray.io/v1/namespaces/ml/rayclusters/{name}"]
+    head = {"CPU": 0.0}
+    [placed] = place([{"cpus": 1, "gpus": 0.125, "config": {}}], [head] + types)
+    assert placed["gpus"] == 0.125          # a GPU share, though no GPU pod is alive yet
 
 
 def test_every_bundled_suite_packs_onto_the_gpu_worker(job):
