@@ -421,6 +421,26 @@ def cmd_report(args) -> int:
 
 # ---------------------------------------------------------------- arguments
 
+def _ray_run_options(p: argparse.ArgumentParser, unit: str, default_name: str) -> None:
+    """The options `run` and `search` share: where, on what Ray, with what resources per `unit`."""
+    p.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
+    # Not results/: that folder holds the published runs; runs/ is git-ignored.
+    p.add_argument("--results-dir", default="runs",
+                   help="where run folders go: a folder or a URI such as s3://BUCKET/PATH (default: runs/)")
+    p.add_argument("--name", help=f"run folder name (default: {default_name})")
+    p.add_argument("--resume", action="store_true", help="continue the run named by --name")
+    p.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
+    p.add_argument("--gpus-per-trial", type=float, help=f"GPU share per {unit} (default: the suite's)")
+    p.add_argument("--cpus-per-trial", type=int, help=f"CPUs per {unit} (default: the suite's)")
+    p.add_argument("--max-concurrent", type=int, help=f"at most N {unit}s at once")
+    p.add_argument("--max-failures", type=int, default=2, help=f"restarts of a failed {unit} from its checkpoint")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs (default 1: a crash costs at "
+                   "most the epoch in flight; larger N saves checkpoint time on big models)")
+    p.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
+    p.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
+
+
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="raycnn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -436,29 +456,14 @@ def parser() -> argparse.ArgumentParser:
                         f"{QUICK['max_train_samples']:,} training images (rows say budget=quick)")
     r.add_argument("--epochs", type=int, help="override every trial's epochs")
     r.add_argument("--max-train-samples", type=int, help="train on the first N images")
-    r.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
-    # Not results/: that folder holds the published runs; runs/ is git-ignored.
-    r.add_argument("--results-dir", default="runs",
-                   help="where run folders go: a folder or a URI such as s3://BUCKET/PATH (default: runs/)")
-    r.add_argument("--name", help="run folder name (default: SUITE-DATE-TIME)")
-    r.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
-    r.add_argument("--gpus-per-trial", type=float, help="GPU share per trial (default: the suite's)")
-    r.add_argument("--cpus-per-trial", type=int, help="CPUs per trial (default: the suite's)")
-    r.add_argument("--max-concurrent", type=int, help="at most N trials at once")
-    r.add_argument("--max-failures", type=int, default=2, help="restarts of a failed trial from its checkpoint")
-    r.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    _ray_run_options(r, "trial", "SUITE-DATE-TIME")
     r.add_argument("--seed", type=int, help="base seed (repeat r uses seed + r)")
     r.add_argument("--repeats", type=int, default=1, help="run each trial N times with different seeds")
     r.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
     r.add_argument("--weights", help="ImageNet resnet18 state dict for the pretrained suite")
-    r.add_argument("--resume", action="store_true", help="continue the run named by --name")
-    r.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs (default 1: a crash costs at "
-                   "most the epoch in flight; larger N saves checkpoint time on big models)")
     r.add_argument("--log", action="append", metavar="TRACKER",
                    help="also log to tensorboard (event files in each trial's folder) or mlflow[=URI] "
                         "(default: a local store, RUN/mlflow.db); repeatable")
-    r.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
-    r.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
     r.set_defaults(func=cmd_run)
 
     se = sub.add_parser("search", help="search cells' settings under ASHA; re-run the best config with fresh seeds",
@@ -483,19 +488,7 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--epochs", type=int, help="override every cell's epochs (rows say budget=reduced)")
     se.add_argument("--max-train-samples", type=int, help="train on the first N images")
     se.add_argument("--synthetic", action="store_true", help="random data of the right shapes (smoke runs)")
-    se.add_argument("--data-dir", help="torchvision-layout data root (default: ./data)")
-    se.add_argument("--results-dir", default="runs", help="where run folders go (default: runs/)")
-    se.add_argument("--name", help="run folder name (default: search-DATE-TIME)")
-    se.add_argument("--resume", action="store_true", help="continue the search named by --name")
-    se.add_argument("--address", help="join a Ray cluster (auto or HOST:PORT); default: a private local instance")
-    se.add_argument("--gpus-per-trial", type=float, help="GPU share per sample (default: the suite's)")
-    se.add_argument("--cpus-per-trial", type=int, help="CPUs per sample (default: the suite's)")
-    se.add_argument("--max-concurrent", type=int, help="at most N samples at once")
-    se.add_argument("--max-failures", type=int, default=2, help="restarts of a failed sample from its checkpoint")
-    se.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    se.add_argument("--checkpoint-every", type=int, help="checkpoint every N epochs")
-    se.add_argument("--num-cpus", type=int, help="local instance only: CPUs to give Ray")
-    se.add_argument("--num-gpus", type=float, help="local instance only: GPUs to declare to Ray")
+    _ray_run_options(se, "sample", "search-DATE-TIME")
     se.set_defaults(func=cmd_search)
 
     t = sub.add_parser("table", help="print runs' results beside the report's",

@@ -148,12 +148,9 @@ def _fields(path: Path, where: str, fields: Any) -> dict:
 
 def load(path: str | Path) -> Search:
     """A `--space FILE`: a TOML file with a `[search]` table, checked as a suite's is."""
-    import tomllib
+    from raycnn.suites import read_toml
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SuiteError(f"{path}: cannot read search space: {e}") from None
+    doc = read_toml(path, "search space")
     if set(doc) != {"search"}:
         raise SuiteError(f"{path}: a search-space file holds one [search] table, got {', '.join(sorted(doc)) or 'nothing'}")
     return parse(path, doc["search"])

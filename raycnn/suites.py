@@ -82,13 +82,18 @@ def resolve(name_or_path: str) -> list[Path]:
     raise SuiteError(f"unknown suite {name_or_path!r}: use one of {', '.join(['all', *known])} or a .toml file")
 
 
+def read_toml(path: Path, what: str) -> dict:
+    """A TOML file's document; SuiteError in one line naming the file where it cannot be read."""
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise SuiteError(f"{path}: cannot read {what}: {e}") from None
+
+
 def load(path: str | Path) -> Suite:
     """Read and check one suite file."""
     path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise SuiteError(f"{path}: cannot read suite: {e}") from None
+    doc = read_toml(path, "suite")
     _check_keys(path, "top level", doc, {"suite", "defaults", "axes", "report", "trials", "search"})
     head = doc.get("suite", {})
     _check_keys(path, "[suite]", head, SUITE_KEYS)
