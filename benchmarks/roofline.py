@@ -4,6 +4,7 @@
     python benchmarks/roofline.py [--models a,b] [--reps N] [--threads N] [--images N]
                                   [--test-images N] [--packing-precision fp32|bf16] [--clock-ghz F]
                                   [--worker-niceness N] [--data-dir DIR] [--quick] [--out results/speed]
+    python benchmarks/roofline.py --show results/speed/roofline-cpu.parquet    # a saved run's tables again
 
 For each network (default: mnist_base, cifar_base, resnet18, alexnet) it prints:
 
@@ -459,6 +460,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     p.add_argument("--data-dir", default="data", help="real MNIST/CIFAR-10 here if present, else synthetic")
     p.add_argument("--out", default="results/speed", help="folder for roofline-cpu.parquet")
+    p.add_argument("--show", metavar="PARQUET", help="print the tables of a saved roofline-cpu.parquet; measure nothing")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(args.models) - set(config.MODELS))
@@ -534,6 +536,15 @@ def show(rows: list[dict], args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.show:
+        import pyarrow.parquet as pq
+        rows = pq.read_table(args.show).to_pylist()
+        saved = rows[0]
+        args.models = list(dict.fromkeys(r["model"] for r in rows if r["model"]))
+        args.threads, args.packing_precision = saved["threads"], next(
+            (r["precision"] for r in rows if r["level"] == "pack_2x1"), args.packing_precision)
+        show(rows, args)
+        return 0
     torch.set_num_threads(args.threads)
     if args.worker_niceness is not None:      # read by the raylet run_trials starts
         os.environ["RAY_worker_niceness"] = str(args.worker_niceness)

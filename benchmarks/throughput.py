@@ -54,7 +54,8 @@ from raycnn.config import TrainConfig
 from raycnn.errors import DataError
 from raycnn.trainer import build_training, resolve_precision, train_one_epoch
 
-console = Console()
+# A log file gets the tables whole (rich would cut them to 80 columns off a terminal).
+console = Console() if sys.stdout.isatty() else Console(width=200)
 log = Console(stderr=True)
 T0 = time.perf_counter()
 
