@@ -1,6 +1,7 @@
 """Results in object storage, against a real S3 API: moto's server on loopback, started per test
 module as a subprocess and stopped by its pid (tests/support.py). Nothing here mocks boto or
 pyarrow in-process. Clients get the server only through the standard AWS environment variables.
+The tests that start the server are in the slow tier; the default tier keeps those that need none.
 
 - a run folder's files read and written the same way, all or nothing, on a local disk, in a
   bucket and on a filesystem of neither kind (write-new-then-point);
@@ -51,8 +52,10 @@ def _root(where: str, tmp_path: Path) -> storage.Place:
     return storage.resolve(tmp_path / "r" if where == "disk" else f"s3://bkt/{where}-{time.time_ns()}/r")
 
 
-@pytest.mark.parametrize("where", ["disk", "bucket", "other"])
-def test_a_place_works_alike_on_disk_in_a_bucket_and_elsewhere(where, aws, tmp_path):
+@pytest.mark.parametrize("where", ["disk", pytest.param("bucket", marks=pytest.mark.slow), "other"])
+def test_a_place_works_alike_on_disk_in_a_bucket_and_elsewhere(where, request, tmp_path):
+    if where == "bucket":         # only the bucket needs the server (slow tier: it starts one)
+        request.getfixturevalue("aws")
     root = _root(where, tmp_path)
     assert not root.exists() and root.tree() == {}
     (root / "a.json").write_text('{"x": 1}')
@@ -102,6 +105,7 @@ def _copy_published(s3, key: str) -> str:
     return f"s3://bkt/{key}/{PUBLISHED.name}"
 
 
+@pytest.mark.slow
 def test_table_and_report_read_a_run_in_a_bucket(s3, tmp_path, ray_tmp):
     uri = _copy_published(s3, "published")
     env = cli_env(ray_tmp, **s3.env)
@@ -120,6 +124,7 @@ def test_table_and_report_read_a_run_in_a_bucket(s3, tmp_path, ray_tmp):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "no results" in missing.stderr
 
 
+@pytest.mark.slow
 def test_plot_draws_a_run_in_a_bucket_into_it(s3, tmp_path, ray_tmp):
     uri = _copy_published(s3, "plotted")
     s3.admin().delete_dir(f"{uri[len('s3://'):]}/plots")            # the copy's figures: drawn again below
@@ -134,6 +139,7 @@ def test_plot_draws_a_run_in_a_bucket_into_it(s3, tmp_path, ray_tmp):
             assert f.read() == (tmp_path / "plots" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_run_refuses_a_bucket_it_cannot_write_before_ray_starts(s3, tmp_path, ray_tmp):
     suite = tmp_path / "s.toml"
     suite.write_text('[suite]\nname = "s"\n[defaults]\nmodel = "mnist_base"\n[[trials]]\nname = "one"\n')
@@ -155,6 +161,7 @@ def quick_lease(monkeypatch):
     monkeypatch.setattr(lock, "SETTLE_S", 0.3)
 
 
+@pytest.mark.slow
 def test_a_second_driver_is_refused_and_a_dead_ones_lease_expires(aws, quick_lease):
     run_dir = storage.resolve(f"s3://bkt/lease-{time.time_ns()}/r")
     first = lock.hold(run_dir)
@@ -175,6 +182,7 @@ def test_a_second_driver_is_refused_and_a_dead_ones_lease_expires(aws, quick_lea
         assert taker._ours(taker._read())
 
 
+@pytest.mark.slow
 def test_of_two_drivers_racing_for_a_lease_one_wins(aws, quick_lease):
     run_dir = storage.resolve(f"s3://bkt/race-{time.time_ns()}/r")
     for _ in range(3):
@@ -198,6 +206,7 @@ def test_of_two_drivers_racing_for_a_lease_one_wins(aws, quick_lease):
             lk.release()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_in_a_bucket_is_read_the_safe_way(aws):
     """Before --resume every checkpoint of the run is read with weights_only=True, in a bucket too."""
     import torch
