@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The runs behind results/ and the README's tables (about five hours on a 2-core CPU machine
-# without a GPU, two trials at a time). Usage: benchmarks/reproduce.sh [DATA_DIR] [RESULTS_DIR]
+# The runs behind results/ and the README's tables, two trials at a time (their trials add up to
+# about 24 trial-hours on a 2-core CPU machine without a GPU: about half a day of wall time).
+# Usage: benchmarks/reproduce.sh [DATA_DIR] [RESULTS_DIR]
 # An interrupted run continues with the same command plus --name RUN --resume (raycnn prints it).
 set -euo pipefail
 data=${1:-data}
@@ -20,7 +21,23 @@ $raycnn run cifar10 --filter 'cifar10/augment/jitter' --filter 'cifar10/dropout/
 $raycnn run mnist --filter 'mnist/base/adamw/lr0.01' --data-dir "$data" --results-dir "$out" --name mnist-base-adamw-lr0.01-10ep
 $raycnn run mnist --filter 'mnist/base/adamw/lr0.01' --epochs 1 --repeats 3 --data-dir "$data" --results-dir "$out" \
   --name mnist-base-adamw-lr0.01-repeats-1ep
+# The Color Jitter cell with torchvision's ColorJitter, as the report ran it (a study, not a suite).
+$raycnn run benchmarks/studies/cifar10-jitter-faithful.toml --repeats 3 --seed 0 --data-dir "$data" \
+  --results-dir "$out" --name cifar10-jitter-faithful-30ep --cpus-per-trial 1 --max-concurrent 2
+# Sec. 3 at the report's 10 epochs, in chunks (fp32, one thread per trial, two at a time: the
+# packing benchmarks/roofline.py picks on a 2-core CPU).
+$raycnn run mnist --filter 'mnist/dropout/*' --filter 'mnist/stride2/*' --filter mnist/base/sgd/lr0.01 \
+  --filter mnist/base/sgd-momentum/lr0.01 --filter mnist/base/adam/lr0.01 --precision fp32 \
+  --data-dir "$data" --results-dir "$out" --name mnist-grid-10ep-a
+$raycnn run mnist --filter 'mnist/batchnorm/*' --filter 'mnist/kernel5/*' --precision fp32 \
+  --data-dir "$data" --results-dir "$out" --name mnist-grid-10ep-c
+# The precision check: fp32 against bf16 autocast, seeds 0-2, on one MNIST and one CIFAR-10 cell.
+for p in fp32 bf16; do
+  $raycnn run all --filter mnist/base/sgd-momentum/lr0.01 --filter cifar10/base/scheduler --repeats 3 \
+    --precision $p --data-dir "$data" --results-dir "$out" --name precision-$p
+done
 for run in cifar10-handbuilt-30ep mnist-all-1ep mnist-base-lr0.001-10ep cifar10-repeats-30ep \
-    mnist-base-adamw-lr0.01-10ep mnist-base-adamw-lr0.01-repeats-1ep; do
+    mnist-base-adamw-lr0.01-10ep mnist-base-adamw-lr0.01-repeats-1ep cifar10-jitter-faithful-30ep \
+    mnist-grid-10ep-a mnist-grid-10ep-c precision-fp32 precision-bf16; do
   $raycnn plot "$out/$run" >/dev/null
 done
