@@ -41,11 +41,19 @@ def _load(source: Path | BinaryIO, shown, mmap: bool = False) -> dict:
     try:
         state = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:      # torch raises several types for a bad file; all mean "not loaded"
-        detail = (str(e).strip().splitlines() or [""])[0][:200]
+        detail = _reason(str(e))
         raise CheckpointError(f"checkpoint {shown} refused ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {shown} refused: not a raycnn checkpoint")
     return state
+
+
+def _reason(message: str) -> str:
+    """The line of torch's error that says why: its refusal of a global when there is one (the
+    first lines of that message are advice about weights_only), else its first line."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]
+    why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
+    return why[:200]
 
 
 def check_all(folder: str | Path | storage.Place) -> int:
