@@ -48,12 +48,17 @@ def _load(source: Path | BinaryIO, shown, mmap: bool = False) -> dict:
     return state
 
 
+# The lines of torch's weights_only refusal that advise rather than say what was refused.
+_ADVICE = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+
+
 def _reason(message: str) -> str:
-    """The line of torch's error that says why: its refusal of a global when there is one (the
-    first lines of that message are advice about weights_only), else its first line."""
-    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or [""]
-    why = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
-    return why[:200]
+    """What torch's error says was wrong with the file, without its advice on weights_only (a
+    refusal names the global or the opcode it met between paragraphs of advice); else its first line."""
+    lines = [line.strip() for line in message.strip().splitlines()] or [""]
+    said = [line.removeprefix("WeightsUnpickler error:").strip() for line in lines
+            if line and not line.startswith(_ADVICE)]
+    return next((line for line in said if line), lines[0])[:200]
 
 
 def check_all(folder: str | Path | storage.Place) -> int:

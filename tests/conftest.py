@@ -7,8 +7,6 @@ import shutil
 import signal
 import struct
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 import torch
 
 from raycnn import trainer
-from support import FAULT_SUITE, Background, cli_env, marked, reported, stop_marked, wait_for
+from support import FAULT_SUITE, Background, cli_env, reported, wait_for
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
@@ -120,10 +118,8 @@ def interrupted(tmp_path_factory):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))
     try:
         res = tmp / "results"
-        mark = f"RAYCNN_TEST_RUN={uuid.uuid4().hex}"
         run = Background("run", suite, "--synthetic", "--num-cpus", "1", "--max-concurrent", "1",
-                         "--results-dir", res, "--name", "r", logs=tmp / "run1",
-                         env=cli_env(ray_tmp, **dict([mark.split("=")])))
+                         "--results-dir", res, "--name", "r", env=cli_env(ray_tmp), logs=tmp / "run1")
         try:
             def ready():
                 trials = reported(ray_tmp).values()
@@ -135,12 +131,6 @@ def interrupted(tmp_path_factory):
             rc, out, err = run.wait(timeout=300)
         finally:
             run.stop()
-        # The run folder is copied as a user would copy it: once every process of the run is
-        # gone. A trial's worker can outlive the driver by a moment, still writing its checkpoint.
-        end = time.time() + 60
-        while marked(mark) and time.time() < end:
-            time.sleep(0.2)
-        stop_marked(mark)
         copy = tmp / "copy" / "results"
         shutil.copytree(res, copy, ignore=shutil.ignore_patterns(".*.tmp"))
         parquet = {f: (res / "r" / f).read_bytes() for f in ("trials.parquet", "epochs.parquet")}

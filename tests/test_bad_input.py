@@ -5,6 +5,7 @@ for byte as they were. Fast, except the cases that need a Ray cluster or a run t
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -45,8 +46,11 @@ def _file_path(tmp: Path, res: Path) -> tuple:
 
 
 def _corrupt(tmp: Path, res: Path, request, content: bytes = b"garbage, not a checkpoint") -> tuple:
-    """The interrupted run's copy with the in-progress trial's checkpoint overwritten."""
-    suite, _, name, _, copy = request.getfixturevalue("interrupted")
+    """A copy of the interrupted run with the in-progress trial's checkpoint overwritten (its own
+    copy: the session's is shared with the tests that resume it)."""
+    suite, _, name, _, shared = request.getfixturevalue("interrupted")
+    copy = tmp / "corrupted"
+    shutil.copytree(shared / name, copy / name)
     trials, _ = results.load_run(copy / name)
     going = trials[trials.status == "running"]
     assert len(going), trials[["name", "status", "epochs_done"]]
