@@ -81,7 +81,9 @@ def test_a_run_in_a_bucket_on_two_nodes_survives_a_killed_trial(tmp_path):
         assert err.strip().splitlines()[-1] == "raycnn: done: results in s3://bkt/runs/two"
         trials, epochs = results.load_run(storage.Place(s3.admin(), "bkt/runs/two"))
         assert len(trials) == 3 and set(trials.status) == {"ok"}, trials[["name", "status", "error"]]
-        assert trials.node.nunique() == 2, trials[["name", "node"]]
+        # Which node each trial lands on is Ray's choice: ft/short ends in seconds, so the three can
+        # all fit the 2-CPU node one after another (seen once in four runs). Each row names its node.
+        assert 1 <= trials.node.nunique() <= 2 and set(epochs.node) == set(trials.node), trials[["name", "node"]]
         long = trials[trials.name == "ft/long"].iloc[0]
         assert long.failures == 1 and "restarted" in long.warning
         mine = epochs_of(epochs, "ft/long")
