@@ -241,8 +241,9 @@ class Cluster:
 
 
 @contextmanager
-def two_nodes(head_env: dict | None = None, worker_env: dict | None = None, worker_prefix: tuple = ()):
-    """A Ray head (1 CPU) and a second node (2 CPUs) on this machine, on loopback, started with
+def two_nodes(head_env: dict | None = None, worker_env: dict | None = None, worker_prefix: tuple = (),
+              worker_cpus: int = 2):
+    """A Ray head (1 CPU) and a second node (`worker_cpus` CPUs) on this machine, on loopback, started with
     `ray start` (the second under `worker_prefix`, e.g. in its own mount namespace); yields the
     Cluster. Their processes carry a unique environment variable, by which the teardown finds and
     stops exactly them (and what they started)."""
@@ -256,7 +257,7 @@ def two_nodes(head_env: dict | None = None, worker_env: dict | None = None, work
         for prefix, extra, args in (
                 ((), head_env or {}, ["--head", f"--port={port}", "--num-cpus=1", f"--temp-dir={temp}",
                                       "--include-dashboard=false", f"--dashboard-agent-listen-port={agents[0]}"]),
-                (worker_prefix, worker_env or {}, [f"--address=127.0.0.1:{port}", "--num-cpus=2",
+                (worker_prefix, worker_env or {}, [f"--address=127.0.0.1:{port}", f"--num-cpus={worker_cpus}",
                                                    f"--dashboard-agent-listen-port={agents[1]}"])):
             out = subprocess.run([*prefix, ray, "start", *args, *common], capture_output=True, text=True,
                                  env={**env, **extra}, timeout=300)
