@@ -53,6 +53,8 @@ def test_throughput_bad_model_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+# packing.py and search_cost.py start a private Ray per run (two and three of them): minutes on
+# two shared cores, so they run in the slow tier.
 @pytest.fixture(scope="module")
 def packing(tmp_path_factory):
     """packing.py at 1 and 2 trials, tiny and synthetic: (its folder, the process, its rows)."""
@@ -63,6 +65,7 @@ def packing(tmp_path_factory):
     return tmp, out, pd.read_parquet(tmp / "speed" / "packing-cpu.parquet")
 
 
+@pytest.mark.slow
 def test_packing_total_images_per_s(packing):
     _, out, df = packing
     for col in ("label", "concurrency", "gpus_per_trial", "trials", "images", "epochs", *PROVENANCE):
@@ -77,6 +80,7 @@ def test_packing_total_images_per_s(packing):
     assert "img/s in all" in out.stdout
 
 
+@pytest.mark.slow
 def test_projection_from_the_packing_runs(packing):
     tmp, _, _ = packing
     out = script("project.py", tmp / "runs" / "plain-k1", "--speed", tmp / "speed" / "packing-cpu.parquet",
@@ -151,6 +155,7 @@ def test_layout_both_formats_alternating(tmp_path, precision, file):
     assert "NCHW / channels_last" in out.stdout
 
 
+@pytest.mark.slow
 def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
     """benchmarks/search_cost.py at a tiny size: the tiny search suite at 2 epochs (one rung, at
     epoch 1), 3 samples, one seed, on MNIST-format random files. Three raycnn commands, each

@@ -96,7 +96,8 @@ def test_report_in_a_browser(published, tmp_path):
     # published study's one (the Color Jitter cell with PIL-faithful jitter).
     assert len(re.findall(r"<td class=", dom)) == 59 + 1
     gaps = dom.split("Cells not run", 1)[1]
-    assert gaps.count("needs ImageNet weights") == 8 and "reduced budget: 1 of 10 epochs" in gaps
+    assert gaps.count("needs ImageNet weights") == 8 and "not in these runs" in gaps
+    assert "budget:" not in gaps                  # every published MNIST cell is at the report's 10 epochs
     assert 'title="cifar10/base/no-scheduler: run cifar10-handbuilt-30ep; device cpu; precision fp32; epochs 30' in dom
 
     shot = tmp_path / "report.png"
@@ -148,24 +149,22 @@ def test_table_figure_is_small_multiples_with_bars_where_no_curves(published):
     beside the report's, and a table without any curve is one panel of bars."""
     mnist = _figure(published.trials, published.epochs, "3.1 MNIST, lr = 0.01")
     rows = ["Base Model", "3 Dropout", "2 BatchNorm", "Stride = 2", "Kernel 5x5"]
-    ten_epochs = {"Base Model": "lines", "3 Dropout": "lines", "Stride = 2": "lines"}   # mnist-grid-10ep-a
-    assert mnist.kinds == dict.fromkeys(rows, "bars") | ten_epochs
+    assert mnist.kinds == dict.fromkeys(rows, "lines")        # every row at the report's 10 epochs
     fig = mnist.draw()
     panels = [ax for ax in fig.axes if ax.axison]
     assert [ax.get_title() for ax in panels] == rows
     columns = ["SGD", "SGD + momentum", "Adam", "AdamW"]
     assert [line.get_label() for line in panels[0].get_lines() if not line.get_label().startswith("_")] == columns
     assert [len(line.get_xdata()) for line in panels[0].get_lines()][::2] == [10, 10, 10, 10]   # line, notch
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == columns + ["report (right edge)", "ours", "report"]
-    cells = mnist.cells[mnist.cells["row"] == "2 BatchNorm"]
-    heights = [round(b.get_height(), 6) for b in panels[2].patches]
-    assert heights == [round(v * 100, 6) for c in cells.itertuples() for v in (c.ours_mean, c.report_acc)]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == columns + ["report (right edge)"]   # no bars: no bar keys
 
     quick = report.collect([str(RESULTS / "cifar10-base-quick")])
     base = _figure(quick.trials, quick.epochs, "4.1 CIFAR-10 base model")
     assert base.kinds == {"Base Model": "bars"} and base.caption.endswith("beside the report's (hatched)")
     [panel] = base.draw().axes
     assert [t.get_text() for t in panel.get_xticklabels()] == ["Base Model"] and len(panel.patches) == 4
+    heights = [round(b.get_height(), 6) for b in panel.patches]
+    assert heights == [round(v * 100, 6) for c in base.cells.itertuples() for v in (c.ours_mean, c.report_acc)]
 
 
 def test_reproduction_figure(published):
@@ -279,6 +278,7 @@ def test_report_of_a_search_in_a_browser(searched, tmp_path):
     done = _browser("--virtual-time-budget=5000", "--dump-dom", checked.as_uri())
     dom = done.stdout
     assert done.returncode == 0 and "</html>" in dom, done.stderr[-2000:]
+    assert "reduced budget: 1 of 10 epochs" in dom.split(report.GAPS_TITLE, 1)[1]     # mnist-all-1ep's cells
     section = dom.split(f"<h2>{report.SEARCH_TITLE}</h2>", 1)[1].split("<h2>", 1)[0]
     header = re.findall(r"<th>([^<]*)</th>", section.split("</thead>", 1)[0])
     assert header == ["cell", "report", "grid (ours)", "tuned (2-seed re-run)", "best config", "epochs spent"]
