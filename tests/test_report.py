@@ -180,7 +180,7 @@ def test_reproduction_figure(published):
         assert (x, y) == pytest.approx((cell.report_acc * 100, cell.ours_mean * 100))
         assert to_hex(point.lines[0].get_color()) == to_hex(plots.SECTIONS[cell.table[0]][1])
         assert point.has_yerr == (cell.n > 1)
-    assert sum(p.has_yerr for p in every.containers) == (cells["n"] > 1).sum() == 5    # the cells run with seeds 0-2
+    assert sum(p.has_yerr for p in every.containers) == (cells["n"] > 1).sum() == 8    # the cells run with seeds 0-2 (5 CIFAR-10, 3 MNIST)
     for ax in (every, zoom):
         assert [c.get_label() for c in ax.collections if c.get_label().startswith("±")] == ["±3 points", "±1 point"]
         diagonal = ax.get_lines()[0].get_xydata()
