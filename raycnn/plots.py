@@ -237,7 +237,7 @@ def table_figures(trials: pd.DataFrame, epochs: pd.DataFrame) -> list[TableFigur
 REPRODUCTION_TITLE = "The reproduction: ours against the report"
 REPRODUCTION_CAPTION = ("Ours against the report's test accuracy, every cell with both numbers: on the "
                         "diagonal we agree; the bands are ±1 and ±3 points; colour is the report's section; "
-                        "error bars are the std over seeds; hollow points trained below the report's budget; "
+                        "error bars are the std over seeds and ticks the seeds themselves; hollow points trained below the report's budget; "
                         f"cells more than {NAMED_BEYOND:g} points off are named")
 
 
@@ -262,8 +262,11 @@ def reproduction_figure(trials: pd.DataFrame):
     fig = _canvas((12.0 if zoom else 6.5, 5.8))
     axes = fig.subplots(1, 2 if zoom else 1, squeeze=False).ravel()
     lo = math.floor(min(high["ours_mean"].min(), high["report_acc"].min()) * 100 - 1) if zoom else 0
+    # Each repeat as a tick beside its cell's mean: a bimodal cell (trains under one seed,
+    # collapses under another) shows both modes, which its mean ± std hides.
+    seeds = trials.groupby("name")["final_test_acc"].apply(lambda v: [a * 100 for a in v.dropna()])
     for i, (ax, limits) in enumerate(zip(axes, ((0.0, 100.0), (lo, 100.0)))):
-        _reproduction_panel(ax, s, limits, named=i == 0)
+        _reproduction_panel(ax, s, seeds, limits, named=i == 0)
     axes[0].set_title("every cell")
     if zoom:
         axes[1].set_title(f"zoom: cells above {lo:g}%")
@@ -272,12 +275,25 @@ def reproduction_figure(trials: pd.DataFrame):
     return fig
 
 
-def _reproduction_panel(ax, s: pd.DataFrame, limits: tuple[float, float], named: bool) -> None:
+def _label_offsets(points: list[tuple[float, float]], near: float = 4.0, step: float = 9.0) -> list[float]:
+    """Vertical offsets (in points) for labels at data `points`: a label within `near` data units
+    of one already placed drops a line below it, so names of neighbouring cells stay readable."""
+    placed, offsets = [], []
+    for x, y in points:
+        drop = sum(abs(x - px) < 4 * near and abs(y - py) < near for px, py in placed)
+        placed.append((x, y))
+        offsets.append(-3 - step * drop)
+    return offsets
+
+
+def _reproduction_panel(ax, s: pd.DataFrame, seeds: pd.Series, limits: tuple[float, float],
+                        named: bool) -> None:
     xs = np.linspace(*limits, 2)
     for ceiling in sorted(BAND_COLOURS, reverse=True):     # wide band first, the narrow on top
         ax.fill_between(xs, xs - ceiling, xs + ceiling, color=BAND_COLOURS[ceiling], lw=0,
                         label=f"±{_points(ceiling)}")
     ax.plot(xs, xs, color="0.3", lw=0.8)
+    labels = []
     for cell in s.itertuples():
         _, colour = _section(cell.table)
         x, y = cell.report_acc * 100, cell.ours_mean * 100
@@ -285,8 +301,13 @@ def _reproduction_panel(ax, s: pd.DataFrame, limits: tuple[float, float], named:
         err = cell.ours_std * 100 if cell.n > 1 and not pd.isna(cell.ours_std) else None
         ax.errorbar(x, y, yerr=err, fmt="o", ms=6, color=colour, mfc=colour if full else "white",
                     mew=1.4, capsize=3, elinewidth=1)
+        if cell.n > 1:
+            repeats = seeds.get(cell.name, [])
+            ax.plot([x] * len(repeats), repeats, ls="", marker="_", ms=9, mew=1.2, color=colour, label="_repeats")
         if named and abs(y - x) > NAMED_BEYOND:
-            ax.annotate(cell.name, (x, y), xytext=(6, -3), textcoords="offset points", fontsize="x-small")
+            labels.append((cell.name, x, y))
+    for (name, x, y), dy in zip(labels, _label_offsets([(x, y) for _, x, y in labels])):
+        ax.annotate(name, (x, y), xytext=(6, dy), textcoords="offset points", fontsize="x-small")
     ax.set(xlim=limits, ylim=limits, xlabel="report's test accuracy (%)", ylabel="ours (%)", aspect="equal")
     ax.grid(alpha=0.3)
 
