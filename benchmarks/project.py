@@ -2,7 +2,7 @@
 """Project the wall time of the report's whole grid from short measured runs.
 
     python benchmarks/project.py RUN_DIR [RUN_DIR ...] [--speed FILE ...]
-                                 [--gpus 1] [--cpus N] [--out FILE.parquet]
+                                 [--gpus 1] [--cpus N] [--against RUN_DIR ...] [--out FILE.parquet]
 
 RUN_DIRs are run folders of `raycnn run` (e.g. one epoch of each suite with --synthetic, whose
 data have the real sizes). From their Parquet files each trial's training images/s, evaluation
@@ -20,6 +20,8 @@ start-up are added, and the light trials (those with the smallest share, the sma
 also projected at the packing k that trained the most images/s in all there (k x a trial's
 images/s), their epochs scaled by a trial's images/s at their measured packing against at k.
 Measured times come from each trial's first epochs, warm-up included, so they err long.
+With `--against RUN_DIR ...` (full runs at the report's epochs) the projected trial-hours are
+printed beside the measured ones, per model and in all, with their ratio.
 """
 from __future__ import annotations
 
@@ -89,8 +91,8 @@ def estimate(grid_df: pd.DataFrame, meas: pd.DataFrame) -> pd.DataFrame:
     df.loc[df["zero_shot"] & df["eval_s"].notna(), "source"] = "measured"
     means = df[df["source"] == "measured"].groupby("model")[["images_per_s", "eval_s", "setup_s"]].mean()
     borrow = (df["source"] == "missing") & df["model"].isin(means.index) & ~df["zero_shot"]
-    for col in means.columns:
-        df.loc[borrow, col] = df.loc[borrow, "model"].map(means[col])
+    for col in means.columns:      # where(), not .loc: with nothing to borrow, .loc casts an empty str column
+        df[col] = df[col].where(~borrow, df["model"].map(means[col]))
     df.loc[borrow, "source"] = "model mean"
     return df
 
@@ -171,6 +173,32 @@ def speed_overheads(paths: list[str] | None) -> tuple[pd.DataFrame, float, float
     return speed, per_trial, median("ray_startup_s") + median("ray_shutdown_s")
 
 
+def against(df: pd.DataFrame, run_dirs: list[str]) -> pd.DataFrame:
+    """The projected trial seconds beside the measured ones: per grid trial, the mean
+    wall_seconds over its repeats that ended ok at the report's epochs in RUN_DIRs (a later
+    folder wins, as in `raycnn table`). Trials no such run has are left out."""
+    rows = []
+    for d in run_dirs:
+        trials, _ = results.load_run(d)
+        done = trials[(trials["status"] == "ok") & (trials["epochs"] == trials["name"].map(df.set_index("name")["epochs"]))]
+        rows.append(done.groupby("name")["wall_seconds"].mean())
+    meas = pd.concat(rows)
+    meas = meas[~meas.index.duplicated(keep="last")].rename("measured_s")
+    out = df.join(meas, on="name")
+    return out[out["measured_s"].notna() & out["trial_s"].notna()]
+
+
+def against_table(both: pd.DataFrame) -> Table:
+    """Per model and in all: projected and measured trial-hours and their ratio."""
+    table = Table("model", "trials", "projected trial-hours", "measured trial-hours", "measured / projected",
+                  title="The projection against full runs at the report's epochs")
+    parts = [*both.groupby("model", sort=False), ("all", both)]
+    for model, part in parts:
+        p, m = part["trial_s"].sum() / 3600, part["measured_s"].sum() / 3600
+        table.add_row(str(model), str(len(part)), f"{p:.2f}", f"{m:.2f}", f"{m / p:.2f}")
+    return table
+
+
 def _hms(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "—"
@@ -223,19 +251,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus", type=float, default=1.0, help="GPUs to schedule GPU trials on (default 1)")
     p.add_argument("--cpus", type=int, default=os.cpu_count() or 1,
                    help="CPUs to schedule CPU-run trials on: the runs' --num-cpus (default: this machine's)")
+    p.add_argument("--against", nargs="+", metavar="RUN_DIR", default=[],
+                   help="full runs at the report's epochs: print their measured trial-hours beside the projection")
     p.add_argument("--out", help="write the per-trial and summary rows here (Parquet)")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    speed, overhead, fixed = speed_overheads(args.speed)
     try:
-        meas = measured(args.run_dirs)
+        df = durations(estimate(grid(), measured(args.run_dirs)), overhead)
+        both = against(df, args.against) if args.against else None
     except results.ResultsError as e:
         print(f"project: {e}", file=sys.stderr)
         return 2
-    speed, overhead, fixed = speed_overheads(args.speed)
-    df = durations(estimate(grid(), meas), overhead)
     df["share"] = shares(df, args.gpus, args.cpus)
     packed, best = repack(df, packing_curve(speed))
     console.print(trial_table(df))
@@ -243,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(summary_table(rows, best))
     console.print(f"Ray overhead per trial {overhead:.2f} s, start-up + shutdown {fixed:.2f} s per run"
                   + ("" if args.speed else " (no --speed: not included)"))
+    if both is not None:
+        console.print(against_table(both))
     if args.out:
         trial_rows = df.assign(level="trial", trial_s_best_packing=packed["trial_s"], share_best=packed["share"],
                                best_packing=best or 0)

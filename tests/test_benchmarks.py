@@ -120,6 +120,28 @@ def test_first_fit_schedule():
     assert project.simulate([], []) == 0
 
 
+def test_projection_beside_full_runs(tmp_path):
+    """--against: each grid trial's projection beside its measured wall time, from runs at the
+    report's epochs only (a 1-epoch run is no full run), a later run winning a trial; one line
+    and exit 2 for a folder that is no run."""
+    project = benchmark("project")
+    results = ROOT / "results"
+    df = project.durations(project.estimate(project.grid(), project.measured([results / "mnist-all-1ep"])), 0.0)
+    assert project.against(df, [results / "mnist-all-1ep"]).empty
+    both = project.against(df, [results / "mnist-grid-10ep-a", results / "mnist-grid-10ep-c"])
+    wall = {}
+    for r in ("mnist-grid-10ep-a", "mnist-grid-10ep-c"):
+        wall.update(pd.read_parquet(results / r / "trials.parquet").groupby("name")["wall_seconds"].mean())
+    assert len(both) == len(wall) == 35
+    assert both.set_index("name")["measured_s"].to_dict() == pytest.approx(wall)
+    out = script("project.py", results / "mnist-all-1ep", "--cpus", "2", "--against", results / "mnist-grid-10ep-c",
+                 cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"│ all\s+│ 16\s+│ [\d.]+\s+│ [\d.]+\s+│ [\d.]+", out.stdout)
+    bad = script("project.py", results / "mnist-all-1ep", "--against", tmp_path, cwd=tmp_path)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
 def test_grid_runs_the_longest_trials_first_at_the_best_packing(tmp_path):
     grid = benchmark("grid")
     pd.DataFrame([dict(measure="total_images_per_s", label=label, concurrency=k, value=v) for label, k, v in
