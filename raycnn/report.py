@@ -40,8 +40,7 @@ GAPS_TITLE = "Cells not run, failed, or below the report's budget"
 DPI = 90     # a 12-inch figure is 1080 pixels: sharp in a 1180-pixel page
 # Why a grid cell is empty, first match wins: what a trial of the bundled grid needs that these
 # runs did not have. Checked on the suite's declared trial.
-NEEDS = ((lambda t: t.config.pretrained, suites.NEEDS_WEIGHTS),
-         (lambda t: t.gpus_per_trial >= 0.5, "sized for a GPU (the suite gives it {gpus:g} GPU)"))
+NEEDS = ((lambda t: t.config.pretrained, suites.NEEDS_WEIGHTS),)
 # Cell colour (tables' rich style names) -> CSS class of the HTML page.
 STYLE_CLASS = {"green": "near", "yellow": "off", "red": "far", "dim": "none", "": "none"}
 # Provenance: column title -> how to show it for one trial's rows (its repeats).
@@ -188,7 +187,7 @@ def collect(run_dirs: list[str]) -> Report:
     gaps = [(r["name"], why) for _, r in trials.drop_duplicates("name").iterrows() if (why := _gap(r, grid))]
     missing = [t for name, t in grid.items() if name not in set(trials["name"])]
     for t in missing:
-        need = next((text.format(gpus=t.gpus_per_trial) for test, text in NEEDS if test(t)), "")
+        need = next((text for test, text in NEEDS if test(t)), "")
         gaps.append((t.name, "not in these runs" + (f"; {need}" if need else "")))
     placeholders = pd.DataFrame([{"name": t.name, "suite": t.suite, "table": t.table, "row": t.row,
                                   "column": t.column, "order": t.order, "report_acc": t.report_acc,
