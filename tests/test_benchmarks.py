@@ -203,6 +203,7 @@ def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
     assert df["epochs_ratio"].iloc[0] == pytest.approx(ratio) and f"{ratio:.2f}x the epochs" in out.stdout
 
 
+@pytest.mark.slow    # the bare step, fit and a Ray Tune trial, each in fp32 and bf16: minutes
 def test_roofline_levels_ratios_and_packing(tmp_path):
     # The trials at the test's own priority: at Ray's default (nice 15 on top of it) they can wait
     # for minutes behind other work on a loaded machine.
