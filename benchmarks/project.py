@@ -77,11 +77,16 @@ def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     return per_epoch.join(per_trial)
 
 
-def measured(run_dirs: list[str]) -> pd.DataFrame:
-    """Per trial name, from all RUN_DIRs (a later folder wins for a trial run twice)."""
-    parts = [_per_trial(*results.load_run(d)) for d in run_dirs]
+def _later_wins(parts: list):
+    """Frames or series indexed by trial name, one per RUN_DIR, joined; for a trial in several,
+    the later RUN_DIR wins (as on `raycnn table`'s command line)."""
     df = pd.concat(parts)
     return df[~df.index.duplicated(keep="last")]
+
+
+def measured(run_dirs: list[str]) -> pd.DataFrame:
+    """Per trial name, from all RUN_DIRs (a later folder wins for a trial run twice)."""
+    return _later_wins([_per_trial(*results.load_run(d)) for d in run_dirs])
 
 
 def estimate(grid_df: pd.DataFrame, meas: pd.DataFrame) -> pd.DataFrame:
@@ -177,13 +182,13 @@ def against(df: pd.DataFrame, run_dirs: list[str]) -> pd.DataFrame:
     """The projected trial seconds beside the measured ones: per grid trial, the mean
     wall_seconds over its repeats that ended ok at the report's epochs in RUN_DIRs (a later
     folder wins, as in `raycnn table`). Trials no such run has are left out."""
+    budget = df.set_index("name")["epochs"]
     rows = []
     for d in run_dirs:
         trials, _ = results.load_run(d)
-        done = trials[(trials["status"] == "ok") & (trials["epochs"] == trials["name"].map(df.set_index("name")["epochs"]))]
+        done = trials[(trials["status"] == "ok") & (trials["epochs"] == trials["name"].map(budget))]
         rows.append(done.groupby("name")["wall_seconds"].mean())
-    meas = pd.concat(rows)
-    meas = meas[~meas.index.duplicated(keep="last")].rename("measured_s")
+    meas = _later_wins(rows).rename("measured_s")
     out = df.join(meas, on="name")
     return out[out["measured_s"].notna() & out["trial_s"].notna()]
 
