@@ -21,7 +21,8 @@ also projected at the packing k that trained the most images/s in all there (k x
 images/s), their epochs scaled by a trial's images/s at their measured packing against at k.
 Measured times come from each trial's first epochs, warm-up included, so they err long.
 With `--against RUN_DIR ...` (full runs at the report's epochs) the projected trial-hours are
-printed beside the measured ones, per model and in all, with their ratio.
+printed beside the measured ones, per model and in all, with their ratio, and in all
+the wall time of each set packed first-fit at the trials' shares.
 """
 from __future__ import annotations
 
@@ -194,13 +195,17 @@ def against(df: pd.DataFrame, run_dirs: list[str]) -> pd.DataFrame:
 
 
 def against_table(both: pd.DataFrame) -> Table:
-    """Per model and in all: projected and measured trial-hours and their ratio."""
+    """Per model and in all: projected and measured trial-hours and their ratio; in all, also
+    the wall time of each packed first-fit at the trials' shares (the schedule Tune runs)."""
     table = Table("model", "trials", "projected trial-hours", "measured trial-hours", "measured / projected",
-                  title="The projection against full runs at the report's epochs")
+                  "projected wall", "measured trials' wall", title="The projection against full runs at the report's epochs")
     parts = [*both.groupby("model", sort=False), ("all", both)]
     for model, part in parts:
         p, m = part["trial_s"].sum() / 3600, part["measured_s"].sum() / 3600
-        table.add_row(str(model), str(len(part)), f"{p:.2f}", f"{m:.2f}", f"{m / p:.2f}")
+        walls = ["", ""]
+        if model == "all":
+            walls = [_hms(simulate(part[col].tolist(), part["share"].tolist())) for col in ("trial_s", "measured_s")]
+        table.add_row(str(model), str(len(part)), f"{p:.2f}", f"{m:.2f}", f"{m / p:.2f}", *walls)
     return table
 
 
@@ -267,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     speed, overhead, fixed = speed_overheads(args.speed)
     try:
         df = durations(estimate(grid(), measured(args.run_dirs)), overhead)
+        df["share"] = shares(df, args.gpus, args.cpus)
         both = against(df, args.against) if args.against else None
     except results.ResultsError as e:
         print(f"project: {e}", file=sys.stderr)
         return 2
-    df["share"] = shares(df, args.gpus, args.cpus)
     packed, best = repack(df, packing_curve(speed))
     console.print(trial_table(df))
     rows = summary_rows(df, packed, fixed)

@@ -138,6 +138,9 @@ def test_projection_beside_full_runs(tmp_path):
                  cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"│ all\s+│ 16\s+│ [\d.]+\s+│ [\d.]+\s+│ [\d.]+", out.stdout)
+    # In all, the measured trials packed first-fit two at a time (--cpus 2, one CPU each) as Tune runs them.
+    c = project.against(df, [results / "mnist-grid-10ep-c"])
+    assert project._hms(project.simulate(c["measured_s"].tolist(), [0.5] * len(c))) in out.stdout
     bad = script("project.py", results / "mnist-all-1ep", "--against", tmp_path, cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
