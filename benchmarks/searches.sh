@@ -29,7 +29,7 @@ mkdir -p "$out" "$work"
 
 # name | cell | the grid's runs that hold the cell (the later one wins, as in raycnn table)
 SEARCHES=(
-  "search-mnist-dropout-adam-lr0.01|mnist/dropout/adam/lr0.01|mnist-all-1ep mnist-grid-10ep-a"
+  "search-mnist-dropout-adam-lr0.01|mnist/dropout/adam/lr0.01|mnist-all-1ep mnist-grid-10ep-a mnist-grid-10ep-d"
   "search-mnist-base-sgd-lr0.001|mnist/base/sgd/lr0.001|mnist-all-1ep mnist-base-lr0.001-10ep"
   "search-cifar10-augment-jitter|cifar10/augment/jitter|cifar10-handbuilt-30ep cifar10-repeats-30ep"
   "search-cifar10-base-scheduler|cifar10/base/scheduler|cifar10-handbuilt-30ep"
