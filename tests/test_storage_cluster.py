@@ -81,9 +81,12 @@ def test_a_run_in_a_bucket_on_two_nodes_survives_a_killed_trial(tmp_path):
         assert err.strip().splitlines()[-1] == "raycnn: done: results in s3://bkt/runs/two"
         trials, epochs = results.load_run(storage.Place(s3.admin(), "bkt/runs/two"))
         assert len(trials) == 3 and set(trials.status) == {"ok"}, trials[["name", "status", "error"]]
-        # One CPU a node: the first two trials start together, so they cannot share a node (with a
-        # 2-CPU worker, Ray once put all three there one after another: ft/short ends in seconds).
-        assert trials.node.nunique() == 2 and set(epochs.node) == set(trials.node), trials[["name", "node"]]
+        # One CPU a node: the first two trials start together, so their first epochs ran on two
+        # nodes (with a 2-CPU worker, Ray once put all three on one: ft/short ends in seconds). A
+        # restarted or later trial may land on either node; its trial row names its last one.
+        first = epochs[epochs.epoch == 1].set_index("name")["node"]
+        assert first["ft/short"] != first["ft/long"], epochs[["name", "epoch", "node"]]
+        assert epochs.node.nunique() == 2 and set(trials.node) <= set(epochs.node), trials[["name", "node"]]
         long = trials[trials.name == "ft/long"].iloc[0]
         assert long.failures == 1 and "restarted" in long.warning
         mine = epochs_of(epochs, "ft/long")
