@@ -72,7 +72,7 @@ def _per_trial(trials: pd.DataFrame, epochs: pd.DataFrame) -> pd.DataFrame:
     in_epochs = e.groupby(keys)["seconds"].sum().rename("in_epochs")
     t = trials.join(in_epochs, on=keys)
     t["setup_s"] = (t["wall_seconds"] - t["in_epochs"]).clip(lower=0.0)
-    # A GPU run records its share; a CPU run records 0 and is placed by cpus_per_trial.
+    # A GPU run is placed by its GPU share, a CPU run by cpus_per_trial (shares()).
     per_trial = t.groupby("name").agg(setup_s=("setup_s", "mean"), gpus=("gpus_per_trial", "first"),
                                       device=("device", "first"))
     return per_epoch.join(per_trial)
@@ -114,8 +114,9 @@ def durations(df: pd.DataFrame, overhead: float) -> pd.DataFrame:
 
 def shares(df: pd.DataFrame, gpus: float, cpus: int) -> pd.Series:
     """Each trial's fraction of the machine: its GPU share over --gpus, or CPUs over --cpus."""
-    on_gpu = df["device"].fillna("").str.startswith("cuda") | (df["gpus"].fillna(0) > 0)
-    if on_gpu.any():
+    # A CPU run records its suite's declared GPU share too (unused there): only the device says
+    # whether the trials ran on a GPU.
+    if df["device"].fillna("").str.startswith("cuda").any():
         g = df["gpus"].where(df["gpus"].fillna(0) > 0, df["declared_gpus"])
         return (g / gpus).clip(upper=1.0)
     return (df["cpus"] / cpus).clip(upper=1.0)

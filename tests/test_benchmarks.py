@@ -141,6 +141,11 @@ def test_projection_beside_full_runs(tmp_path):
     # In all, the measured trials packed first-fit two at a time (--cpus 2, one CPU each) as Tune runs them.
     c = project.against(df, [results / "mnist-grid-10ep-c"])
     assert project._hms(project.simulate(c["measured_s"].tolist(), [0.5] * len(c))) in out.stdout
+    # A CPU run records its suite's declared GPU share (0.125 here) too: it is still placed by CPUs.
+    cpu_run = project.measured([results / "mnist-grid-10ep-c"])
+    assert set(cpu_run["gpus"]) == {0.125} and set(cpu_run["device"]) == {"cpu"}
+    placed = project.durations(project.estimate(project.grid(), cpu_run), 0.0).dropna(subset=["trial_s"])
+    assert set(project.shares(placed, 1.0, 2)) == {0.5}
     bad = script("project.py", results / "mnist-all-1ep", "--against", tmp_path, cwd=tmp_path)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
