@@ -80,7 +80,7 @@ def test_report_in_a_browser(published, tmp_path):
     # One figure of the whole reproduction, before the first table; then one per table with a result.
     figures = re.findall(r'<figure class="report-figure" data-(table|figure)="([^"]*)"><img alt="([^"]*)"'
                          r'[^>]*data-decoded="([^"]*)"[^>]*><figcaption>([^<]*)</figcaption>', dom)
-    assert len(re.findall(r"<img", dom)) == len(figures) == 1 + 5
+    assert len(re.findall(r"<img", dom)) == len(figures) == 1 + 6
     assert figures[0][:3] == ("figure", "reproduction", plots.REPRODUCTION_TITLE)
     assert dom.index('data-figure="reproduction"') < dom.index('class="report-table"')
     assert "±1 and ±3 points" in figures[0][4] and "std over seeds" in figures[0][4]
@@ -96,8 +96,9 @@ def test_report_in_a_browser(published, tmp_path):
     # published study's one (the Color Jitter cell with PIL-faithful jitter).
     assert len(re.findall(r"<td class=", dom)) == 59 + 1
     gaps = dom.split("Cells not run", 1)[1]
-    assert gaps.count("needs ImageNet weights") == 8 and "not in these runs" in gaps
-    assert "budget:" not in gaps                  # every published MNIST cell is at the report's 10 epochs
+    # every weight-free cell is published, at the report's budget: only the pretrained ones are missing
+    assert gaps.count("not in these runs") == gaps.count("needs ImageNet weights") == 8
+    assert "budget:" not in gaps
     assert 'title="cifar10/base/no-scheduler: run cifar10-handbuilt-30ep; device cpu; precision fp32; epochs 30' in dom
 
     shot = tmp_path / "report.png"
@@ -116,7 +117,7 @@ def test_report_markdown_is_the_committed_one(published, tmp_path):
     assert text == out.read_text(), "results/report.md is not what `raycnn report --format markdown` writes"
     assert tables.render(published.trials, "markdown") in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 1 + 5 and links[0].endswith("/reproduction.png")
+    assert len(links) == 1 + 6 and links[0].endswith("/reproduction.png")
     from matplotlib.image import imread
     for link in links:
         assert imread(tmp_path / link).shape[1] > 500           # written, and decodes
@@ -173,7 +174,7 @@ def test_reproduction_figure(published):
     cells = plots.folded_frame(published.trials).dropna(subset=["ours_mean", "report_acc"])
     fig = plots.reproduction_figure(published.trials)
     every, zoom = fig.axes
-    assert len(every.containers) == len(cells) == 50
+    assert len(every.containers) == len(cells) == 51 + 1     # the grid's weight-free cells and the jitter study's
     from matplotlib.colors import to_hex
     for point, cell in zip(every.containers, cells.itertuples()):
         (x,), (y,) = point.lines[0].get_data()
@@ -309,3 +310,16 @@ def test_report_of_a_search_in_a_browser(searched, tmp_path):
     assert [line.get_label() for line in survivors.get_lines() if line.get_label().startswith("sample")] == \
         [f"sample {s}" for s in passed["sample"]]
     assert len(against.collections[0].get_offsets()) == len(samples) and against.get_xscale() == "log"
+
+
+def test_the_published_runs_hold_every_weight_free_cell_at_the_reports_budget(published):
+    """Every cell of the report's grid that needs no ImageNet weights is in the published runs
+    the README's report command lays together, trained at the report's epochs on the whole
+    training set of the real data."""
+    from raycnn import suites
+    grid = {t.name: t for p in suites.resolve("all") for t in suites.load(p).trials if t.suite != "pretrained"}
+    rows = published.trials[published.trials["name"].isin(grid)].to_dict("records")
+    assert len(grid) == 51 and {r["name"] for r in rows} == set(grid)
+    for r in rows:
+        assert r["epochs"] == grid[r["name"]].config.epochs and r["budget"] == "full", r["name"]
+        assert not r.get("synthetic") and not r.get("max_train_samples"), r["name"]
