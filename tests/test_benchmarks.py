@@ -186,6 +186,28 @@ def test_layout_both_formats_alternating(tmp_path, precision, file):
 
 
 @pytest.mark.slow
+def test_denormal_flushing_against_not_on_a_decayed_net(tmp_path):
+    """benchmarks/denormal.py at one repetition: each measurement a fresh process. The decayed
+    state keeps its subnormals through the timed steps where nothing flushes them, and a flushing
+    process reads them as zeros: the mode took effect in the process that timed it."""
+    out = script("denormal.py", "--quick", "--out", tmp_path, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "denormal-cpu.parquet")
+    for col in ("model", "optimizer", "state", "flush", "ms_per_step", "ratio", "subnormal_before",
+                "subnormal_after", "threads", "load_1min", *PROVENANCE):
+        assert col in df.columns, col
+    rows = df.set_index(["state", "flush"])
+    assert sorted(rows.index) == [("decayed", False), ("decayed", True), ("fresh", False), ("fresh", True)]
+    kept = rows.loc[("decayed", False)]
+    assert kept.subnormal_before == pytest.approx(0.6, abs=0.01) and kept.subnormal_after == pytest.approx(0.6, abs=0.01)
+    assert rows.loc[("decayed", True)].subnormal_before == 0 == rows.loc[("decayed", True)].subnormal_after
+    assert (df[~df.flush].ratio.isna()).all()
+    flushed = rows.loc[("decayed", True)]
+    assert flushed.ratio == pytest.approx(kept.ms_per_step / flushed.ms_per_step)
+    assert "unflushed / flushed" in out.stdout
+
+
+@pytest.mark.slow
 def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
     """benchmarks/search_cost.py at a tiny size: the tiny search suite at 2 epochs (one rung, at
     epoch 1), 3 samples, one seed, on MNIST-format random files. Three raycnn commands, each

@@ -39,6 +39,19 @@ def test_cifar_with_augmentation_and_scheduler_learns():
     assert lrs == pytest.approx([0.01, 0.01, 0.001])          # the rate each epoch trained with: milestone 2 steps after epoch 2
 
 
+def test_training_reads_subnormals_as_zero():
+    """build_training turns on the CPU's flush-to-zero (FTZ/DAZ): a collapsed net's subnormal
+    weights would otherwise slow every step several times (benchmarks/denormal.py)."""
+    try:
+        torch.set_flush_denormal(False)      # earlier tests' trainings turned it on in this process
+        tiny = torch.tensor([1e-40])
+        assert (tiny * 1.0).item() > 0
+        trainer.build_training(cfg(), MNIST)
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_report_and_checkpoint_each_epoch(tmp_path):
     seen = []
     trainer.fit(cfg(epochs=2), report=lambda m, d: seen.append((m["epoch"], (d / "state.pt").exists())),
