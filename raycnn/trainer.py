@@ -112,8 +112,9 @@ def flush_subnormals() -> None:
     moments into subnormals (0 < |x| < 1.2e-38: 61% of the dense layer's weights in one such
     search sample's checkpoint), and the CPU takes a microcode assist on every op that reads
     one, so that trial slowed from 445 to 113 img/s in three epochs (benchmarks/denormal.py
-    measures the step with and without). A value under 1.2e-38 changes no prediction. Call it
-    before the first parallel op: new threads inherit their creator's setting."""
+    measures the step with and without). A net that learns ends at the same weights, bit for
+    bit (tests/test_trainer.py). Call it before the first parallel op: new threads inherit their
+    creator's setting."""
     torch.set_flush_denormal(True)
 
 
