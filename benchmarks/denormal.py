@@ -21,9 +21,10 @@ state every time. The ratio is the unflushed step time over the flushed one (abo
 is faster). Each row records the subnormal share of the largest weight before and after the
 timed steps, so a reader sees the state did not drift out of the case it measures.
 
-Rows go to OUT/denormal-cpu.parquet (denormal-cpu-checkpoint.parquet with --checkpoint): model, optimizer, lr, weight_decay, state (fresh | decayed |
-checkpoint), flush, ms_per_step, rep, ratio (flushed rows), subnormal_before, subnormal_after,
-steps, batch_size, threads, reps, quick, created, load_1min, device_name, and provenance.
+Rows go to OUT/denormal-cpu.parquet (denormal-cpu-checkpoint.parquet with --checkpoint): model,
+optimizer, lr, weight_decay, state (fresh | decayed | checkpoint), flush, ms_per_step, rep, ratio
+(flushed rows), subnormal_before, subnormal_after, steps, batch_size, threads, reps, quick,
+created, load_1min, device_name, and provenance.
 """
 from __future__ import annotations
 
@@ -82,8 +83,8 @@ def decay(model: torch.nn.Module, optimizer: torch.optim.Optimizer, share: float
     hit = torch.rand(weight.shape, generator=g) < share
     sign = torch.sign(torch.randn(weight.shape, generator=g))
 
-    def plant(t: torch.Tensor, size: float, signed: bool = True) -> None:
-        value = torch.rand(t.shape, generator=g) * size * (sign if signed else 1)
+    def plant(t: torch.Tensor, size: float) -> None:
+        value = torch.rand(t.shape, generator=g) * size * sign
         t[hit] = value[hit]
 
     with torch.no_grad():
