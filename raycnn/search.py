@@ -173,6 +173,8 @@ def sample_rows(run_dir: str | Path | Place, cell: dict) -> tuple[list[dict], li
     for number, (folder, sampled, reports, errored) in enumerate(found, 1):
         row = _sample_row(cell, number, folder, sampled, reports, states.get(folder), stopped, errored)
         row["stop"] = next((why for test, why in STOP_REASONS if test(row, {**cell, "spent": spent})), "running")
+        if row["stop"] in ("asha", "budget") and row["status"] == "running":
+            row["status"] = "ok"     # Tune ended it between two epochs: the trainer's last word was "running"
         rows.append(row)
         epoch_rows += [{"name": cell["name"], "sample": number} | {k: r.get(k) for k in experiment.EPOCH_FIELDS}
                        for r in reports]

@@ -80,7 +80,11 @@ def test_report_in_a_browser(published, tmp_path):
     # One figure of the whole reproduction, before the first table; then one per table with a result.
     figures = re.findall(r'<figure class="report-figure" data-(table|figure)="([^"]*)"><img alt="([^"]*)"'
                          r'[^>]*data-decoded="([^"]*)"[^>]*><figcaption>([^<]*)</figcaption>', dom)
-    assert len(re.findall(r"<img", dom)) == len(figures) == 1 + 6
+    # and, after the tables, one per searched cell of the published searches
+    searched = re.findall(r'<figure class="report-figure" data-search="([^"]*)"><img[^>]*data-decoded="(\d+)x\d+"', dom)
+    assert [key for key, _ in searched] == [d.key for d in published.searched] and searched
+    assert len(re.findall(r"<img", dom)) == len(figures) + len(searched) and len(figures) == 1 + 6
+    assert all(width == "1080" for _, width in searched)
     assert figures[0][:3] == ("figure", "reproduction", plots.REPRODUCTION_TITLE)
     assert dom.index('data-figure="reproduction"') < dom.index('class="report-table"')
     assert "±1 and ±3 points" in figures[0][4] and "std over seeds" in figures[0][4]
@@ -117,7 +121,7 @@ def test_report_markdown_is_the_committed_one(published, tmp_path):
     assert text == out.read_text(), "results/report.md is not what `raycnn report --format markdown` writes"
     assert tables.render(published.trials, "markdown") in text
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(links) == 1 + 6 and links[0].endswith("/reproduction.png")
+    assert len(links) == 1 + 6 + len(published.searched) and links[0].endswith("/reproduction.png")
     from matplotlib.image import imread
     for link in links:
         assert imread(tmp_path / link).shape[1] > 500           # written, and decodes

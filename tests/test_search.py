@@ -239,6 +239,7 @@ def test_asha_stops_samples_at_the_rungs(done):
     stopped = samples[samples["stop"] == "asha"]
     assert len(stopped) >= 1 and stopped["epochs_done"].isin(cell["rungs"]).all()
     assert (samples[samples["stop"] == "completed"]["epochs_done"] == 4).all()
+    assert set(samples["status"]) == {"ok"}          # a sample ASHA or the cap stopped is not still running
     assert_ashas_rule(samples, epochs, cell["rungs"])
 
 
