@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from raycnn import storage
+from raycnn import memory, storage
 from raycnn.errors import RunError
 
 Shape = dict[str, float]     # a node's resources, e.g. {"CPU": 8, "GPU": 1}
@@ -30,9 +30,12 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: float | 
     `num_gpus`) that only this process can use; returns what `disconnect` restores.
 
     A private instance binds every server to loopback and requires a token made for this run;
-    a cluster is joined with the user's own settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN, ...)."""
+    a cluster is joined with the user's own settings (RAY_AUTH_MODE, RAY_AUTH_TOKEN, ...). Either
+    way the run's trial processes start with `memory.trial_env()` (Ray's runtime environment)."""
     logging.getLogger("ray").setLevel(logging.ERROR)
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    env = memory.trial_env()
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                  runtime_env={"env_vars": env} if env else None)
     saved = {k: os.environ.get(k) for k in AUTH_ENV}
     try:
         if address:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import re
 import resource
 from pathlib import Path
@@ -16,6 +17,15 @@ PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 # The largest trim threshold mallopt takes (an int): the heap's free top is never trimmed.
 NO_TRIM = 2**31 - 1
+# What a trial's process must start with for `keep_freed_memory` to reach the thread that trains
+# (Ray Tune trains a function trial in a thread of its own). glibc gives each new thread an arena
+# of its own, grown in heaps of at most 64 MB, and maps any larger block there afresh and unmaps
+# it when freed, whatever mallopt says: AlexNet's 151 MB and 67 MB dense-layer gradients were
+# faulted in page by page every step, 15% of a trial's CPU time spent in the kernel
+# (benchmarks/arena.py). With one arena every thread allocates from the main heap, which mallopt
+# governs. glibc reads it when the process starts, so it goes in the environment Ray starts trial
+# processes with.
+TRIAL_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 
 @functools.cache
@@ -42,6 +52,11 @@ def keep_freed_memory() -> None:
     if libc is not None:
         libc.mallopt(M_MMAP_MAX, 0)
         libc.mallopt(M_TRIM_THRESHOLD, NO_TRIM)
+
+
+def trial_env() -> dict[str, str]:
+    """TRIAL_ENV less the variables the user's environment sets (theirs win)."""
+    return {k: v for k, v in TRIAL_ENV.items() if k not in os.environ}
 
 
 def reset_peak(device: torch.device) -> None:

@@ -208,6 +208,26 @@ def test_denormal_flushing_against_not_on_a_decayed_net(tmp_path):
 
 
 @pytest.mark.slow
+def test_arena_one_against_the_default_in_a_thread(tmp_path):
+    """benchmarks/arena.py at one repetition on AlexNet: each case a fresh process. In a thread
+    with glibc's default arenas the step faults in its 218 MB of dense-layer gradients every step;
+    with one arena far fewer (its heap still grows over the first steps, which --quick's two
+    timed steps include): the environment took effect in the process that timed it."""
+    out = script("arena.py", "--quick", "--models", "alexnet", "--out", tmp_path, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "arena-cpu.parquet")
+    for col in ("model", "case", "images_per_s", "faults_per_step", "sys_share", "ratio", "threads", "load_1min",
+                *PROVENANCE):
+        assert col in df.columns, col
+    rows = df.set_index("case")
+    assert sorted(rows.index) == ["main", "thread", "thread, one arena"] and (df.images_per_s > 0).all()
+    assert rows.loc["thread", "faults_per_step"] > 40_000 > 2 * rows.loc["thread, one arena", "faults_per_step"]
+    assert rows.loc["thread, one arena", "ratio"] == pytest.approx(
+        rows.loc["thread, one arena", "images_per_s"] / rows.loc["thread", "images_per_s"])
+    assert df[df.case != "thread, one arena"].ratio.isna().all() and "one arena / default" in out.stdout
+
+
+@pytest.mark.slow
 def test_search_cost_asha_against_the_full_grid_of_its_samples(tmp_path):
     """benchmarks/search_cost.py at a tiny size: the tiny search suite at 2 epochs (one rung, at
     epoch 1), 3 samples, one seed, on MNIST-format random files. Three raycnn commands, each

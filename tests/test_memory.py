@@ -1,6 +1,7 @@
 """raycnn.memory against the real glibc: a CPU step reuses the memory the step before it freed,
 and a trial's peak does not count what an earlier trial in the process kept. Each check runs in
 a fresh interpreter, because glibc's malloc settings are process-wide."""
+import os
 import subprocess
 import sys
 
@@ -48,8 +49,40 @@ print(kept, memory.peak_mb(torch.device("cpu")))
 """
 
 
-def run(code: str, mode: str) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
+# Minor faults of the steps after the first two (the heap grows to a step's size, the momentum
+# buffer is made) of a dense layer whose 80 MB gradient is above a thread arena's 64 MB heaps, as
+# AlexNet's dense-layer gradients are; in a thread of its own, as Ray Tune trains a function trial.
+BIG_IN_THREAD = """
+import resource, threading, torch
+from raycnn import memory
+
+def steps(out):
+    memory.keep_freed_memory()                 # as build_training does, in the trial's thread
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5000, 4000)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(64, 5000)
+    for step in range(6):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        optimizer.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+        optimizer.step()
+        if step >= 2:
+            out.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+
+faults = []
+worker = threading.Thread(target=steps, args=(faults,))
+worker.start()
+worker.join()
+print(*faults)
+"""
+
+
+def run(code: str, mode: str, env: dict | None = None) -> list[float]:
+    """`code` in a fresh interpreter, with `env` added to the environment (glibc's default
+    arenas unless `env` sets MALLOC_ARENA_MAX)."""
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | (env or {})
+    out = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300, env=environ)
     assert out.returncode == 0, out.stderr[-2000:]
     return [float(v) for v in out.stdout.split()]
 
@@ -60,6 +93,22 @@ def test_cpu_steps_reuse_the_memory_they_free():
     # thresholds spare one now and then): thousands of faults a step. Kept, most epochs fault
     # none, one now and then a few thousand pages.
     assert min(on) < 1000 and 10 * sum(on) < sum(off), (on, off)
+
+
+def test_a_trials_thread_reuses_its_memory_with_the_trial_environment():
+    one_arena, default = run(BIG_IN_THREAD, "on", memory.TRIAL_ENV), run(BIG_IN_THREAD, "on")
+    # A thread's own arena maps a block above its heaps' 64 MB afresh and unmaps it when freed,
+    # whatever mallopt says: the 80 MB gradient is faulted in again every step (about 9,800
+    # faults). Started with TRIAL_ENV, the thread allocates from the main heap, which
+    # keep_freed_memory keeps, and the steps fault in nothing.
+    assert min(default) > 5000 and max(one_arena) < 500, (one_arena, default)
+
+
+def test_the_users_setting_wins_over_the_trial_environment(monkeypatch):
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    assert memory.trial_env() == {"MALLOC_ARENA_MAX": "1"}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
+    assert memory.trial_env() == {}
 
 
 def test_a_trials_peak_leaves_out_what_an_earlier_trial_kept():

@@ -116,6 +116,16 @@ def test_every_socket_of_a_private_run_listens_on_loopback_only(private_run):
     assert not beyond, f"listening beyond loopback: {beyond}"
 
 
+def test_a_trial_starts_with_one_malloc_arena(private_run):
+    """The trial's process starts with raycnn.memory.TRIAL_ENV (Ray's runtime environment of the
+    run), so the thread that trains allocates from the heap keep_freed_memory governs."""
+    driver, _ = private_run
+    trials = [p for p in driver.children(recursive=True) if "ImplicitFunc" in " ".join(p.cmdline())]
+    assert trials, [p.cmdline()[:1] for p in driver.children(recursive=True)]
+    assert all(p.environ().get("MALLOC_ARENA_MAX") == "1" for p in trials)
+    assert "MALLOC_ARENA_MAX" not in driver.environ()       # the run's trials only, not its driver
+
+
 def test_the_gcs_refuses_callers_without_the_runs_token(private_run, tmp_path):
     driver, home = private_run
     port, token = _gcs(driver)          # the run's own token, in its processes' environment only
