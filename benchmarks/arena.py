@@ -39,16 +39,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.markup import escape
 from rich.table import Table
 
 # throughput.py (beside this file) also puts the checkout on sys.path for the raycnn imports below.
-from throughput import BATCH, console, device_slug, note, spread
+from throughput import BATCH, bare_timer, console, device_slug, note, spread
 
 from raycnn import config, datafiles, memory, results
 from raycnn.provenance import provenance
-from raycnn.trainer import build_training
 
 # case -> (runs in a new thread, environment added)
 CASES = {"thread": (True, {}), "thread, one arena": (True, memory.TRIAL_ENV), "main": (False, {})}
@@ -57,28 +55,15 @@ DEFAULT_MODELS = ("alexnet", "resnet18", "mnist_base")
 
 def step_rate(job: dict) -> dict:
     """In this process: images/s, faults per step and the kernel's CPU share of `job`'s step."""
-    cfg = config.TrainConfig(model=job["model"], optimizer="sgd", lr=0.01, momentum=0.9, device="cpu",
-                             num_threads=job["threads"], epochs=1).validate()
-    training = build_training(cfg, datafiles.synthetic(config.MODELS[job["model"]].dataset, sizes=(BATCH, BATCH)))
-    x = training.pipeline(training.data.train_x[:BATCH]).contiguous(memory_format=training.layout)
-    y = training.data.train_y[:BATCH]
-
-    def step() -> None:
-        with training.autocast():
-            loss = F.cross_entropy(training.model(x).float(), y)
-        training.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        training.optimizer.step()
-
-    for _ in range(2):
-        step()
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    for _ in range(job["steps"]):
-        step()
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    cfg = config.TrainConfig(model=job["model"], optimizer="sgd", lr=0.01, momentum=0.9, precision="fp32",
+                             device="cpu", num_threads=job["threads"], epochs=1).validate()
+    timed = bare_timer(cfg, datafiles.synthetic(config.MODELS[job["model"]].dataset, sizes=(BATCH, BATCH)))
+    timed(2)                                   # the heap grows to a step's size, momentum buffers are made
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    rate = timed(job["steps"])
+    after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return dict(images_per_s=job["steps"] * BATCH / seconds,
-                faults_per_step=(after.ru_minflt - before.ru_minflt) / job["steps"],
+    return dict(images_per_s=rate, faults_per_step=(after.ru_minflt - before.ru_minflt) / job["steps"],
                 sys_share=(after.ru_stime - before.ru_stime) / cpu if cpu else float("nan"))
 
 
@@ -97,9 +82,8 @@ def child(job: dict) -> None:
 
 def measure(job: dict) -> dict:
     """`job` in a fresh process started with its case's environment."""
-    env = os.environ | CASES[job["case"]][1]
-    if not CASES[job["case"]][1]:
-        env.pop("MALLOC_ARENA_MAX", None)       # glibc's default, even where the caller's shell sets it
+    # glibc's default arenas unless the case sets MALLOC_ARENA_MAX, even where the caller's shell sets it
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | CASES[job["case"]][1]
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(job)], capture_output=True, text=True,
                           env=env, timeout=1800)
     if done.returncode != 0:

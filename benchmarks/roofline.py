@@ -72,14 +72,14 @@ from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 # throughput.py (beside this file) also puts the checkout on sys.path for the raycnn imports below.
-from throughput import BATCH, console, dataset_arrays, note, spread
+from throughput import BATCH, bare_timer, console, dataset_arrays, note, spread
 
 from raycnn import config, datafiles, models, results, suites
 from raycnn import tune as raytune
 from raycnn.config import TrainConfig
 from raycnn.errors import RunError
 from raycnn.provenance import provenance
-from raycnn.trainer import build_training, fit
+from raycnn.trainer import fit
 
 PRECISIONS = ("fp32", "bf16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -199,28 +199,9 @@ def train_config(name: str, precision: str, threads: int, **more) -> TrainConfig
                        **more).validate()
 
 
-def bare_timer(name: str, precision: str, arrays: datafiles.Arrays, threads: int):
-    """A function timing the bare step over as many images as a pass has; returns images/s.
-    The model, optimizer, layout and autocast are the trainer's (build_training); the batch stays
-    put: no gather, no input pipeline, no running sums."""
-    training = build_training(train_config(name, precision, threads), arrays)
-    x = training.pipeline(training.data.train_x[:BATCH]).contiguous(memory_format=training.layout)
-    y = training.data.train_y[:BATCH]
-    model, optimizer = training.model.train(), training.optimizer
-    steps = max(1, len(arrays.train_y) // BATCH)
-
-    def timed() -> float:
-        torch.set_num_threads(threads)
-        start = time.perf_counter()
-        for _ in range(steps):
-            with training.autocast():
-                out = model(x)
-            loss = F.cross_entropy(out.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        return steps * BATCH / (time.perf_counter() - start)
-    return timed
+def bare(name: str, precision: str, arrays: datafiles.Arrays, threads: int):
+    """A function timing the bare step (throughput.bare_timer) over as many images as a pass has."""
+    return bare_timer(train_config(name, precision, threads), arrays)
 
 
 def fit_timer(name: str, precision: str, arrays: datafiles.Arrays, threads: int):
@@ -233,7 +214,7 @@ def in_process(name: str, arrays: datafiles.Arrays, threads: int, reps: range) -
     """Rows of the bare and fit levels, both precisions alternating over `reps` (after a warm-up
     when reps starts at 0)."""
     timers = {(level, p): make(name, p, arrays, threads)
-              for level, make in (("bare", bare_timer), ("fit", fit_timer)) for p in PRECISIONS}
+              for level, make in (("bare", bare), ("fit", fit_timer)) for p in PRECISIONS}
     if reps.start == 0:
         for timer in timers.values():
             timer()

@@ -187,6 +187,30 @@ def naive_timer(name: str, arrays: datafiles.Arrays, device: torch.device, worke
     return as_a_notebook
 
 
+def bare_timer(cfg: TrainConfig, arrays: datafiles.Arrays) -> Callable[..., float]:
+    """A function timing `steps` bare training steps (default: as many as a pass over `arrays`
+    has); returns images/s. The model, optimizer, layout and autocast are the trainer's
+    (build_training); the batch stays put: no gather, no input pipeline, no running sums."""
+    training = build_training(cfg, arrays)
+    x = training.pipeline(training.data.train_x[:BATCH]).contiguous(memory_format=training.layout)
+    y = training.data.train_y[:BATCH]
+    model, optimizer = training.model.train(), training.optimizer
+
+    def timed(steps: int = max(1, len(arrays.train_y) // BATCH)) -> float:
+        if cfg.num_threads:      # 0 leaves torch's threads as they are, as the trainer does
+            torch.set_num_threads(cfg.num_threads)
+        start = time.perf_counter()
+        for _ in range(steps):
+            with training.autocast():
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return steps * BATCH / (time.perf_counter() - start)
+    return timed
+
+
 def raycnn_timer(name: str, arrays: datafiles.Arrays, device: torch.device, threads: int,
                  precision: str, compile: bool = False) -> Callable[[], float]:
     """A function that trains one pass with the raycnn trainer and returns its images/s."""

@@ -78,7 +78,7 @@ print(*faults)
 """
 
 
-def run(code: str, mode: str, env: dict | None = None) -> list[float]:
+def run(code: str, mode: str = "on", env: dict | None = None) -> list[float]:
     """`code` in a fresh interpreter, with `env` added to the environment (glibc's default
     arenas unless `env` sets MALLOC_ARENA_MAX)."""
     environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | (env or {})
@@ -96,7 +96,7 @@ def test_cpu_steps_reuse_the_memory_they_free():
 
 
 def test_a_trials_thread_reuses_its_memory_with_the_trial_environment():
-    one_arena, default = run(BIG_IN_THREAD, "on", memory.TRIAL_ENV), run(BIG_IN_THREAD, "on")
+    one_arena, default = run(BIG_IN_THREAD, env=memory.TRIAL_ENV), run(BIG_IN_THREAD)
     # A thread's own arena maps a block above its heaps' 64 MB afresh and unmaps it when freed,
     # whatever mallopt says: the 80 MB gradient is faulted in again every step (about 9,800
     # faults). Started with TRIAL_ENV, the thread allocates from the main heap, which
