@@ -30,9 +30,11 @@ a one-epoch trial of `raycnn run` pays that start.
 
 The peak: 2 vector FMA units x the fp32 lanes of the widest vector ISA in the CPU flags (avx512f
 16, avx2 8, ...; fewer where the CPU runs wide ops on narrower units, NARROW_UNITS) x 2 flop x the
-clock x the cores used; the clock is --clock-ghz, else sysfs cpufreq's maximum, else
-/proc/cpuinfo's "cpu MHz" (the printed line says which; in a virtual machine that is often the
-base clock, and a core that boosts above it can beat the computed peak). A measured sgemm
+clock x the cores used; the clock is --clock-ghz, else measured (a chain of dependent integer adds
+in a small C program built with the system's cc: one add retires a cycle, so adds per second are
+the clock the core runs at, boost included), else sysfs cpufreq's maximum, else /proc/cpuinfo's
+"cpu MHz" (the printed line says which; in a virtual machine those two are often the base clock,
+and a core that boosts above it beats a peak computed from them). A measured sgemm
 (torch.mm of two N x N fp32 matrices) stands beside it; where the CPU has bf16 instructions
 (BF16_RATES: avx512_bf16, amx_bf16) so do a bf16 peak and a bf16 torch.mm.
 
@@ -57,8 +59,11 @@ import argparse
 import math
 import os
 import pickle
+import platform
+import shutil
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -122,11 +127,56 @@ def cpu_facts() -> dict[str, str]:
     return facts
 
 
+# Four dependent register adds per loop pass: each waits for the last, one a cycle on every x86-64
+# and Arm64 core, while the loop's own counter and branch run beside them (an add of a constant
+# some cores fold away before it executes). A virtual machine's sysfs and
+# cpuinfo report its base clock; a core that boosts runs faster, and the peak must use that.
+CLOCK_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#if defined(__x86_64__)
+#define ADD "add %1, %0\n\t"
+#elif defined(__aarch64__)
+#define ADD "add %0, %0, %1\n\t"
+#endif
+int main(int argc, char **argv) {
+    long n = atol(argv[1]);
+    unsigned long x = 0, one = 1;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) __asm__ volatile(ADD ADD ADD ADD : "+r"(x) : "r"(one));
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.6e\n", 4.0 * n / ((b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9));
+    return x != 4 * (unsigned long)n;
+}
+"""
+CLOCK_ARCHES = ("x86_64", "aarch64", "arm64")
+
+
+def measured_clock_hz(passes: int = 100_000_000, tries: int = 3) -> float | None:
+    """The clock one core runs at, from CLOCK_C (the fastest of `tries` runs: a run the machine
+    interrupts only reads slower); None without a C compiler or on another architecture."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc or platform.machine() not in CLOCK_ARCHES:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        src, exe = Path(tmp) / "clock.c", Path(tmp) / "clock"
+        src.write_text(CLOCK_C)
+        if subprocess.run([cc, "-O1", "-o", str(exe), str(src)], capture_output=True).returncode:
+            return None
+        runs = [subprocess.run([str(exe), str(passes)], capture_output=True, text=True) for _ in range(tries)]
+    rates = [float(r.stdout) for r in runs if r.returncode == 0 and r.stdout.strip()]
+    return max(rates) if rates else None
+
+
 def clock_hz(facts: dict[str, str], ghz: float | None = None) -> tuple[float, str]:
-    """(the clock in Hz, where it came from): `ghz` where given, else sysfs cpufreq's maximum,
-    else /proc/cpuinfo's MHz."""
+    """(the clock in Hz, where it came from): `ghz` where given, else measured (CLOCK_C), else
+    sysfs cpufreq's maximum, else /proc/cpuinfo's MHz."""
     if ghz:
         return ghz * 1e9, "--clock-ghz"
+    if hz := measured_clock_hz():
+        return hz, "measured: dependent adds"
     try:
         return int(CPUFREQ_MAX.read_text()) * 1e3, "sysfs cpufreq max"
     except (OSError, ValueError):
@@ -436,7 +486,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-images", type=int, help=f"test images each epoch evaluates (default {FULL['test_images']})")
     p.add_argument("--packing-precision", choices=PRECISIONS, default="fp32", help="precision of the packing runs")
     p.add_argument("--clock-ghz", type=float,
-                   help="the clock of the peak (default: sysfs cpufreq max, else /proc/cpuinfo)")
+                   help="the clock of the peak (default: measured, else sysfs cpufreq max, else /proc/cpuinfo)")
     p.add_argument("--worker-niceness", type=int, help="the nice value of Ray's trial processes (default: Ray's, 15)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     p.add_argument("--data-dir", default="data", help="real MNIST/CIFAR-10 here if present, else synthetic")

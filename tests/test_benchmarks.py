@@ -5,7 +5,9 @@ through a private Ray)."""
 import importlib.util
 import math
 import os
+import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,6 +284,18 @@ def test_roofline_levels_ratios_and_packing(tmp_path):
     numbers = re.findall(r"(fit/bare|trial/bare|bare|fit|trial) ([^\s;]+)", line)
     assert len(numbers) == 7 and all(math.isfinite(float(v)) and float(v) > 0 for _, v in numbers), line
     assert re.search(r"packing mnist_base fp32: .* (2 trials x 1 thread|1 trial x 2 threads) wins \(\d", out.stdout)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")) or platform.machine() not in ("x86_64", "aarch64"),
+                    reason="the clock program needs a C compiler on x86-64 or Arm64")
+def test_roofline_measures_the_clock():
+    roofline = benchmark("roofline")
+    hz = roofline.measured_clock_hz(passes=20_000_000)
+    # One dependent add a cycle: a loop the compiler folded, or adds run side by side, would read
+    # tens of GHz; a server core runs at 1-6.
+    assert hz is not None and 0.5e9 < hz < 7e9, hz
+    assert roofline.clock_hz({}, None)[1] == "measured: dependent adds"
+    assert roofline.clock_hz({}, 2.5) == (2.5e9, "--clock-ghz")
 
 
 def test_roofline_bad_model_is_one_line(tmp_path):

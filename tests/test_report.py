@@ -185,10 +185,10 @@ def test_reproduction_figure(published):
         assert (x, y) == pytest.approx((cell.report_acc * 100, cell.ours_mean * 100))
         assert to_hex(point.lines[0].get_color()) == to_hex(plots.SECTIONS[cell.table[0]][1])
         assert point.has_yerr == (cell.n > 1)
-    assert sum(p.has_yerr for p in every.containers) == (cells["n"] > 1).sum() == 9    # the cells run with seeds 0-2 (6 CIFAR-10, 3 MNIST)
+    assert sum(p.has_yerr for p in every.containers) == (cells["n"] > 1).sum() == 10    # the cells run with seeds 0-2 (7 CIFAR-10, 3 MNIST)
     # every repeat as a tick on its cell's x: the bimodal MNIST cells show both modes
     ticks = [(l.get_xdata()[0], sorted(l.get_ydata())) for l in every.get_lines() if l.get_label() == "_repeats"]
-    assert len(ticks) == 9 and all(len(y) == 3 for _, y in ticks)
+    assert len(ticks) == 10 and all(len(y) == 3 for _, y in ticks)
     assert sum(y[0] < 15 and y[-1] > 90 for x, y in ticks if x <= 11) == 3
     # the named cells' labels do not overlap
     fig.canvas.draw()
